@@ -1,0 +1,208 @@
+"""The elastic decoder: weights in the serving layout and one forward pass for any mix of shapes.
+
+Serving layout (DESIGN.md "Width"): q rows hold heads rank-major across KV groups; o and down are
+stored transposed; gate/up/down channels and q/o heads are permuted into the pack's importance order
+once at load, so every width of every layer is a contiguous row prefix, taken as a view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .ops import linear_in, linear_out
+from .pack import Pack
+from .step import LayerPlan, StepInput
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [H]
+    q: torch.Tensor  # [n_heads*hd, H] rank-major heads
+    q_bias: torch.Tensor | None  # [n_heads*hd]
+    kv: torch.Tensor  # [2*kv*hd, H] k rows then v rows (never pruned)
+    kv_bias: torch.Tensor | None  # [2*kv*hd]
+    o_t: torch.Tensor  # [n_heads*hd, H] o transposed, same head order as q
+    mlp_norm: torch.Tensor  # [H]
+    gate: torch.Tensor  # [I, H] channels in importance order
+    up: torch.Tensor  # [I, H]
+    down_t: torch.Tensor  # [I, H] down transposed
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in self.__dict__.values() if t is not None]
+
+
+@dataclass
+class Weights:
+    embed: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [H]
+    lm_head: torch.Tensor  # [V, H] (the embedding itself when tied)
+
+
+def _permute_heads(w: torch.Tensor, order: torch.Tensor, head_dim: int) -> torch.Tensor:
+    # w [n_heads*hd, ...] -> rows regrouped head by head in `order`
+    return w.view(-1, head_dim, *w.shape[1:])[order].reshape(w.shape).contiguous()
+
+
+def serving_weights(
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    pack: Pack,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Weights:
+    """Convert HF-named dense weights to the serving layout of `pack` (one permutation copy)."""
+
+    def get(name: str) -> torch.Tensor:
+        return state[name].to(device=device, dtype=dtype)
+
+    hd = config.head_dim
+    layers = []
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        heads, chans = pack.head_order[i].to(device), pack.mlp_order[i].to(device)
+        qkv_bias = config.qkv_bias
+        layers.append(
+            LayerWeights(
+                attn_norm=get(p + "input_layernorm.weight"),
+                q=_permute_heads(get(p + "self_attn.q_proj.weight"), heads, hd),
+                q_bias=_permute_heads(get(p + "self_attn.q_proj.bias"), heads, hd)
+                if qkv_bias
+                else None,
+                kv=torch.cat([get(p + "self_attn.k_proj.weight"), get(p + "self_attn.v_proj.weight")]),
+                kv_bias=torch.cat([get(p + "self_attn.k_proj.bias"), get(p + "self_attn.v_proj.bias")])
+                if qkv_bias
+                else None,
+                o_t=_permute_heads(get(p + "self_attn.o_proj.weight").t(), heads, hd),
+                mlp_norm=get(p + "post_attention_layernorm.weight"),
+                gate=get(p + "mlp.gate_proj.weight")[chans].contiguous(),
+                up=get(p + "mlp.up_proj.weight")[chans].contiguous(),
+                down_t=get(p + "mlp.down_proj.weight").t()[chans].contiguous(),
+            )
+        )
+        for name in [k for k in state if k.startswith(p)]:
+            del state[name]  # free dense copies as we go: peak memory ~ one model, not two
+    embed = get("model.embed_tokens.weight")
+    head = state.get("lm_head.weight")
+    lm_head = embed if config.tie_word_embeddings or head is None else get("lm_head.weight")
+    return Weights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, hd] ; cos/sin [T, 1, hd] (HF's rotate_half convention)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _attention(
+    q: torch.Tensor, kv: torch.Tensor, plan: LayerPlan, cache: torch.Tensor | None, groups: int
+) -> torch.Tensor:
+    """Causal attention of every row over its own sequence's cached and new keys."""
+    # q [T, m, hd] rank-major heads ; kv [T, 2, kv, hd] new keys/values ; out [T, m*hd]
+    n_rows, m, hd = q.shape
+    out = q.new_empty(n_rows, m * hd)
+    if (dec := plan.decode) is not None:
+        b = dec.rows.shape[0]
+        qd = q[dec.rows].view(b, m // groups, groups, hd).transpose(1, 2).reshape(b, m, 1, hd)
+        assert cache is not None
+        ctx = cache[dec.slots]  # [B, L, 2, kv, hd]
+        k, v = ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2)  # [B, kv, L, hd]
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=dec.mask, enable_gqa=True)
+        out[dec.rows] = o.view(b, groups, m // groups, hd).transpose(1, 2).reshape(b, m * hd)
+    for pre in plan.prefills:
+        n, mh = pre.num_tokens, pre.heads
+        rows = slice(pre.start, pre.start + n)
+        qs = q[rows, :mh].view(n, mh // groups, groups, hd).permute(2, 1, 0, 3).reshape(1, mh, n, hd)
+        if pre.slots is None:  # nothing cached before this chunk: attend to the fresh keys
+            ctx, mask, causal = kv[rows], None, True
+        else:
+            assert cache is not None
+            ctx, mask, causal = cache[pre.slots], pre.mask, False
+        k, v = ctx[:, 0].transpose(0, 1)[None], ctx[:, 1].transpose(0, 1)[None]  # [1, kv, c, hd]
+        o = F.scaled_dot_product_attention(
+            qs, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
+        o = o.view(groups, mh // groups, n, hd).permute(2, 1, 0, 3).reshape(n, mh * hd)
+        out[rows, : mh * hd] = o
+    return out
+
+
+class ElasticModel:
+    """A base model in the serving layout; `forward` runs any mix of shapes in one step."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, rope: tuple[torch.Tensor, torch.Tensor]):
+        self.config = config
+        self.weights = weights
+        self.cos, self.sin = rope  # [max_pos, hd] each
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.embed.device
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput, cache: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(step.logit_rows), V] (fp32) for one step; writes new K/V into `cache`."""
+        cfg, w = self.config, self.weights
+        x = w.embed[step.input_ids]  # [T, H]
+        cos_all = self.cos[step.positions].unsqueeze(1)  # [T, 1, hd]
+        sin_all = self.sin[step.positions].unsqueeze(1)
+        for layer, plan in zip(w.layers, step.layers, strict=True):
+            if plan is None:
+                continue  # no row of this step keeps this layer
+            # a slice gives views (updated in place); an index tensor gathers copies
+            xl, cos, sin = x[plan.rows], cos_all[plan.rows], sin_all[plan.rows]
+            self._layer(xl, layer, plan, cache, cos, sin)
+            if isinstance(plan.rows, torch.Tensor):
+                x.index_copy_(0, plan.rows, xl)
+        h = F.rms_norm(x[step.logit_rows], (cfg.hidden_size,), w.norm, cfg.rms_norm_eps)
+        return F.linear(h, w.lm_head).float()
+
+    def _layer(
+        self,
+        x: torch.Tensor,
+        lw: LayerWeights,
+        plan: LayerPlan,
+        cache: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> None:
+        # x [T_l, H], updated in place (a view of the step's hidden states, or a gathered copy)
+        cfg = self.config
+        hd, eps, n = cfg.head_dim, cfg.rms_norm_eps, x.shape[0]
+        h = F.rms_norm(x, (cfg.hidden_size,), lw.attn_norm, eps)
+        q = linear_out(h, lw.q, plan.attn_bands, lw.q_bias).view(n, -1, hd)  # [T_l, m, hd]
+        kv = F.linear(h, lw.kv, lw.kv_bias).view(n, 2, cfg.num_kv_heads, hd)
+        q = _rotate(q, cos, sin)
+        kv[:, 0] = _rotate(kv[:, 0], cos, sin)
+        if plan.write_slots is not None and cache is not None:
+            cache.index_copy_(0, plan.write_slots, kv)
+        attn = _attention(q, kv, plan, cache, cfg.num_groups)
+        x += linear_in(attn, lw.o_t, plan.attn_bands)
+        for rows, o_bias, _ in plan.biases:
+            x[rows] += o_bias
+        h = F.rms_norm(x, (cfg.hidden_size,), lw.mlp_norm, eps)
+        gate = linear_out(h, lw.gate, plan.mlp_bands)
+        up = linear_out(h, lw.up, plan.mlp_bands)
+        x += linear_in(F.silu(gate) * up, lw.down_t, plan.mlp_bands)
+        for rows, _, down_bias in plan.biases:
+            x[rows] += down_bias
+
+
+def rope_tables(hf_config: object, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_len, hd] (fp32) from transformers' own rotary embedding (all scaling types)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    cls = Qwen2RotaryEmbedding if getattr(hf_config, "model_type", "") == "qwen2" else LlamaRotaryEmbedding
+    rotary = cls(hf_config)  # type: ignore[arg-type]
+    positions = torch.arange(max_len, dtype=torch.float32)[None]
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    return cos[0].float(), sin[0].float()
