@@ -1,4 +1,4 @@
-"""A servable model: weights in the serving layout, its pack, shape grid and tokenizer, loaded once."""
+"""A servable model: serving-layout weights, pack, shape grid and tokenizer, loaded once."""
 
 from __future__ import annotations
 
@@ -107,5 +107,7 @@ def load_bundle(
         tokenizer=load_tokenizer(model_dir),
         specs=pack.specs(),
         max_model_len=max_len,
-        biases={k: (o.to(dev, torch_dtype), d.to(dev, torch_dtype)) for k, (o, d) in pack.bias.items()},
+        biases={
+            k: (o.to(dev, torch_dtype), d.to(dev, torch_dtype)) for k, (o, d) in pack.bias.items()
+        },
     )

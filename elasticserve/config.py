@@ -41,7 +41,7 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def layer_params(self, heads: int | None = None, mlp: int | None = None) -> int:
-        """Parameters of one decoder layer's linears kept at `heads` query heads and `mlp` channels."""
+        """Parameters of one layer's linears kept at `heads` query heads and `mlp` channels."""
         heads = self.num_heads if heads is None else heads
         mlp = self.intermediate_size if mlp is None else mlp
         h = self.hidden_size

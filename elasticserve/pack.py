@@ -32,7 +32,10 @@ class PackMismatchError(ValueError):
 def model_fingerprint(config: ModelConfig, state: dict[str, torch.Tensor]) -> str:
     """A short hash of the model's dimensions and a few of its weights, to refuse foreign packs."""
     h = hashlib.sha256(json.dumps(config.__dict__, sort_keys=True, default=list).encode())
-    for name in ("model.embed_tokens.weight", f"model.layers.{config.num_layers - 1}.mlp.down_proj.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        f"model.layers.{config.num_layers - 1}.mlp.down_proj.weight",
+    ):
         sample = state[name].flatten()[:4096].to(torch.float16)
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -88,7 +91,8 @@ class Pack:
         if fingerprint != self.fingerprint or config != self.config:
             raise PackMismatchError(
                 f"pack was calibrated for model {self.fingerprint} ({self.config.model_type}, "
-                f"{self.config.num_layers} layers, hidden {self.config.hidden_size}), but the loaded "
+                f"{self.config.num_layers} layers, hidden {self.config.hidden_size}), but the "
+                f"loaded "
                 f"model is {fingerprint} ({config.model_type}, {config.num_layers} layers, hidden "
                 f"{config.hidden_size})"
             )
@@ -169,7 +173,7 @@ class Pack:
 
 
 def rank_major_heads(config: ModelConfig) -> torch.Tensor:
-    """Serving slot i holds rank i // G of KV group i % G, so a prefix of m*G heads keeps m per group."""
+    """Slot i holds rank i // G of KV group i % G: a prefix of m*G heads keeps m per group."""
     groups, per_group = config.num_groups, config.num_heads // config.num_groups
     slots = torch.arange(config.num_heads)
     return (slots % groups) * per_group + slots // groups  # [num_heads] original head per slot

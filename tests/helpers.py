@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -23,8 +24,14 @@ def random_pack(pack: Pack, seed: int = 0, bias: bool = True) -> Pack:
         ranks = torch.stack([torch.randperm(per_group, generator=g) for _ in range(groups)])
         # slot i = rank r of group g: original head g * per_group + ranks[g, r]
         slots = rank_major_heads(cfg)
-        head_order.append(torch.tensor([(h // per_group) * per_group + ranks[h // per_group, h % per_group]
-                                        for h in slots.tolist()]))
+        head_order.append(
+            torch.tensor(
+                [
+                    (h // per_group) * per_group + ranks[h // per_group, h % per_group]
+                    for h in slots.tolist()
+                ]
+            )
+        )
         mlp_order.append(torch.randperm(cfg.intermediate_size, generator=g))
     mult = channel_multiple(cfg)
     widths = {}
@@ -39,7 +46,7 @@ def random_pack(pack: Pack, seed: int = 0, bias: bool = True) -> Pack:
         widths[w] = (tuple(heads), tuple(mlp))
     # keep widths monotone in the ratio per layer, as calibration guarantees
     ordered = sorted(widths, reverse=True)
-    for a, b in zip(ordered, ordered[1:], strict=False):
+    for a, b in itertools.pairwise(ordered):
         ha, ma = widths[a]
         hb, mb = widths[b]
         widths[b] = (tuple(map(min, ha, hb)), tuple(map(min, ma, mb)))
@@ -48,9 +55,13 @@ def random_pack(pack: Pack, seed: int = 0, bias: bool = True) -> Pack:
         for w in pack.widths:
             if w < 1:
                 for layer in range(cfg.num_layers):
-                    biases[(w, layer)] = (0.05 * torch.randn(cfg.hidden_size, generator=g),
-                                          0.05 * torch.randn(cfg.hidden_size, generator=g))
-    return Pack(pack.fingerprint, cfg, head_order, mlp_order, widths, dict(pack.layer_tables), biases)
+                    biases[(w, layer)] = (
+                        0.05 * torch.randn(cfg.hidden_size, generator=g),
+                        0.05 * torch.randn(cfg.hidden_size, generator=g),
+                    )
+    return Pack(
+        pack.fingerprint, cfg, head_order, mlp_order, widths, dict(pack.layer_tables), biases
+    )
 
 
 def pruned_hf_model(model_dir, pack: Pack, spec: ShapeSpec) -> torch.nn.Module:
@@ -93,7 +104,9 @@ def _cols(linear: torch.nn.Linear, cols: torch.Tensor) -> torch.nn.Linear:
     return new
 
 
-def prefill_logits(bundle: ModelBundle, prompts: list[list[int]], specs: list[ShapeSpec]) -> list[torch.Tensor]:
+def prefill_logits(
+    bundle: ModelBundle, prompts: list[list[int]], specs: list[ShapeSpec]
+) -> list[torch.Tensor]:
     """All-position logits of several sequences run together in one cache-less step."""
     chunks = [SeqChunk(s, p, logits="all") for p, s in zip(prompts, specs, strict=True)]
     cfg = bundle.config

@@ -42,7 +42,9 @@ def test_permutation_keeps_full_shape_logits(arch, tiny_llama_dir, tiny_qwen2_di
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("shape", ["d6-w0.75", "d5-w0.5", "d4-w0.875", "d3-w0.625", "d6-w1.0"])
-def test_shape_matches_physically_pruned_model(arch, shape, tiny_llama_dir, tiny_qwen2_dir, tokenizer):
+def test_shape_matches_physically_pruned_model(
+    arch, shape, tiny_llama_dir, tiny_qwen2_dir, tokenizer
+):
     model_dir = tiny_llama_dir if arch == "llama" else tiny_qwen2_dir
     base = load_bundle(model_dir, dtype="float32")
     pack = random_pack(base.pack, seed=7)
@@ -66,7 +68,12 @@ def test_widths_are_non_uniform_in_random_pack(tiny_llama_dir):
 def test_mixed_shapes_in_one_step_equal_each_alone(tiny_llama_dir, tokenizer):
     base = load_bundle(tiny_llama_dir, dtype="float32")
     bundle = load_bundle(tiny_llama_dir, pack=random_pack(base.pack, seed=11), dtype="float32")
-    texts = [PROMPT, "Emma Woodhouse, handsome, clever", "In a hole in the ground", "Call me Ishmael."]
+    texts = [
+        PROMPT,
+        "Emma Woodhouse, handsome, clever",
+        "In a hole in the ground",
+        "Call me Ishmael.",
+    ]
     prompts = [_ids(tokenizer, t) for t in texts]
     specs = [bundle.spec(s) for s in ["d3-w0.5", "full", "d5-w0.75", "d6-w0.625"]]
     together = prefill_logits(bundle, prompts, specs)
@@ -79,5 +86,5 @@ def test_identity_pack_is_default_for_unknown_models(tiny_llama_dir):
     bundle = load_bundle(tiny_llama_dir, dtype="float32")
     expected = identity_pack(bundle.config, bundle.pack.fingerprint)
     assert bundle.pack.layer_tables == expected.layer_tables
-    assert [s.name for s in bundle.specs][0] == "d6-w1.0"
+    assert next(s.name for s in bundle.specs) == "d6-w1.0"
     assert len(bundle.specs) == len(expected.depths) * len(expected.widths)

@@ -1,0 +1,301 @@
+"""The engine: continuous batching where every request runs its own shape.
+
+`step()` = schedule -> build the step (rows sorted into shape segments) -> one forward pass ->
+sample -> append tokens, detect stops, detokenize -> hand finished sequences back to the scheduler.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import kv_cache
+from .block_manager import BlockManager
+from .bundle import ModelBundle
+from .detokenize import IncrementalDetokenizer
+from .outputs import CompletionOutput, RequestOutput
+from .sampling import Sampler, SamplingParams
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from .sequence import Sequence, SequenceStatus
+from .shapes import Shape, ShapeSpec
+from .step import SeqChunk, build_step
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_memory: int | None = (
+        None  # bytes; None: enough for max_num_seqs long requests, <= 1 GiB
+    )
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's engine-side state around its scheduler `Sequence`."""
+
+    seq: Sequence
+    prompt: str | None
+    params: SamplingParams
+    spec: ShapeSpec
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    logprobs: list[dict[int, float]] | None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    shape_tokens: dict[str, int] = field(default_factory=dict)
+    narrowest: ShapeSpec | None = None
+
+
+_FINISH_STATUS = {
+    "stop": SequenceStatus.FINISHED_STOPPED,
+    "length": SequenceStatus.FINISHED_LENGTH,
+    "abort": SequenceStatus.FINISHED_ABORTED,
+}
+
+
+class LLMEngine:
+    """Runs requests of any shapes together; single-threaded (the async wrapper owns the thread)."""
+
+    def __init__(self, bundle: ModelBundle, config: EngineConfig | None = None):
+        self.bundle = bundle
+        self.config = config = config or EngineConfig()
+        cfg, model = bundle.config, bundle.model
+        max_len = bundle.max_model_len
+        memory = config.kv_cache_memory
+        if memory is None:
+            per_token = kv_cache.block_bytes(cfg, 1, model.dtype) * cfg.num_layers
+            memory = min(2**30, per_token * max_len * max(4, config.max_num_seqs // 4))
+        num_blocks = kv_cache.num_blocks_for(cfg, memory, config.block_size, model.dtype, max_len)
+        self.cache = kv_cache.allocate(
+            cfg, num_blocks, config.block_size, model.dtype, model.device
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=max_len,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+            ),
+            self.block_manager,
+        )
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        if bundle.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(bundle.tokenizer.eos_token_id)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.bundle.tokenizer
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        shape: str | Shape | ShapeSpec | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request; raises ValueError (nothing queued) for a bad prompt, shape or length."""
+        params = params or SamplingParams()
+        spec = self.bundle.spec(shape)
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            text, token_ids = None, list(prompt)
+            vocab = self.bundle.config.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        max_len = self.bundle.max_model_len
+        room = max_len - len(token_ids)
+        if room < 1:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens; the model's context length is {max_len}"
+            )
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"model's context length of {max_len} tokens"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(
+            seq_id=request_id,
+            prompt_token_ids=token_ids,
+            layers=spec.layers,
+            shape_id=spec.id,
+            max_tokens=max_tokens,
+            priority=priority,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+        )
+        self.scheduler.add(seq)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(self.bundle.model.device).manual_seed(params.seed)
+        self.requests[request_id] = Request(
+            seq=seq,
+            prompt=text,
+            params=params,
+            spec=spec,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params),
+            generator=generator,
+            logprobs=[] if params.logprobs is not None else None,
+        )
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+        if self.scheduler.abort(request_id) is not None:
+            self.requests.pop(request_id, None)
+
+    def set_shape(self, request_id: str, shape: str | Shape | ShapeSpec) -> None:
+        """Move a running request to another shape: any width; depth only a subset of its layers."""
+        req = self.requests[request_id]
+        spec = self.bundle.spec(shape)
+        if not set(spec.layers) <= set(req.seq.layers):
+            raise ValueError(
+                f"{request_id}: depth cannot grow in flight ({req.spec.name} -> {spec.name})"
+            )
+        if spec.layers != req.seq.layers:
+            self.block_manager.drop_layers(req.seq, spec.layers)
+        req.spec, req.seq.shape_id = spec, spec.id
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def kv_usage(self) -> float:
+        return self.block_manager.usage
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns an output for every request that produced a token or finished."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        logits, sampled = self._run(out)
+        outputs = self._sample_and_append(out, logits, sampled)
+        for req in sampled:
+            if req.finish_reason is not None:
+                self.scheduler.finish(req.seq, _FINISH_STATUS[req.finish_reason])
+                del self.requests[req.seq.seq_id]
+        self.scheduler.postprocess(out)
+        return outputs
+
+    def _run(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
+        chunks, sampled = [], []
+        for item in out.scheduled:
+            seq, req = item.seq, self.requests[item.seq.seq_id]
+            chunks.append(
+                SeqChunk(
+                    spec=req.spec,
+                    token_ids=item.token_ids,
+                    num_computed=item.start,
+                    block_table=seq.block_table,
+                    logits="last" if item.will_sample else "none",
+                )
+            )
+            if item.will_sample:
+                sampled.append(req)
+        cfg = self.bundle.config
+        step = build_step(
+            chunks,
+            cfg.num_layers,
+            cfg.head_dim,
+            self.config.block_size,
+            self.bundle.biases,
+            self.bundle.model.device,
+        )
+        logits = self.bundle.model.forward(step, self.cache)
+        rows = [
+            step.logit_slices[i].start for i, item in enumerate(out.scheduled) if item.will_sample
+        ]
+        return logits[rows], sampled
+
+    def _sample_and_append(
+        self, out: SchedulerOutput, logits: torch.Tensor, sampled: list[Request]
+    ) -> list[RequestOutput]:
+        if not sampled:
+            return []
+        result = self.sampler(
+            logits,
+            [r.params for r in sampled],
+            [r.generator for r in sampled],
+            [r.seq.prompt_token_ids for r in sampled],
+            [r.seq.output_token_ids for r in sampled],
+            self.eos_token_ids,
+        )
+        outputs = []
+        for i, req in enumerate(sampled):
+            token = result.token_ids[i]
+            req.seq.append_token(token)
+            req.cumulative_logprob += result.logprobs[i]
+            if req.logprobs is not None:
+                entry = {token: result.logprobs[i]}
+                entry.update(dict(result.top_logprobs[i] or []))
+                req.logprobs.append(entry)
+            name = req.spec.name
+            req.shape_tokens[name] = req.shape_tokens.get(name, 0) + 1
+            if req.narrowest is None or req.spec.weight_fraction < req.narrowest.weight_fraction:
+                req.narrowest = req.spec
+            self._check_stop(req, token)
+            outputs.append(self._output(req))
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        params, seq = req.params, req.seq
+        if token in (params.stop_token_ids or ()):
+            req.finish_reason, req.stop_reason = "stop", token
+        elif token in self.eos_token_ids and not params.ignore_eos:
+            req.finish_reason = "stop"
+        else:
+            _, stop = req.detokenizer.add(token)
+            if stop is not None:  # the detokenizer has already cut the text at the stop string
+                req.finish_reason, req.stop_reason = "stop", stop
+                return
+        at_limit = seq.num_output_tokens >= seq.max_tokens
+        if req.finish_reason is None and (at_limit or seq.num_tokens >= self.bundle.max_model_len):
+            req.finish_reason = "length"
+        if req.finish_reason is not None:
+            req.detokenizer.flush()
+
+    def _output(self, req: Request) -> RequestOutput:
+        narrowest = req.narrowest or req.spec
+        return RequestOutput(
+            request_id=req.seq.seq_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.seq.prompt_token_ids,
+            outputs=[
+                CompletionOutput(
+                    index=0,
+                    text=req.detokenizer.text,
+                    token_ids=list(req.seq.output_token_ids),
+                    cumulative_logprob=req.cumulative_logprob,
+                    logprobs=req.logprobs,
+                    finish_reason=req.finish_reason,
+                    stop_reason=req.stop_reason,
+                )
+            ],
+            finished=req.finish_reason is not None,
+            shape=req.spec.name,
+            narrowest_shape=narrowest.name,
+            shape_tokens=dict(req.shape_tokens),
+        )
