@@ -1,0 +1,166 @@
+"""Decode throughput per shape vs HF generate, and against the weight-streaming limit.
+
+For each dtype and batch size: decode tokens/s of elasticserve at a few shapes and of HF
+`generate` on the same weights, threads and prompts, in the same run. Decode time excludes the
+prefill: (time for 1 + N new tokens) - (time for 1 new token), the same way for both. Batch-1
+decode reads every kept weight once per token, so `bytes per token / measured bandwidth` is its
+floor; the table gives each shape's fraction of that limit and its speed-up against what its
+bytes predict.
+
+    python bench/bench_decode.py [--dtypes float32,bfloat16] [--batches 1,8] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from elasticserve import LLM, SamplingParams
+from elasticserve.bundle import ModelBundle
+from elasticserve.device import cpu_flags
+from elasticserve.shapes import ShapeSpec
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "austen"
+
+
+def measure_bandwidth(mib: int = 512, reps: int = 5) -> float:
+    """Read bandwidth (bytes/s) of a large fp32 reduction: what streaming weights can reach."""
+    x = torch.ones(mib * 2**18)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def bytes_per_token(bundle: ModelBundle, spec: ShapeSpec) -> int:
+    """Weight bytes one decode step reads: kept layers' linears + norms + the LM head."""
+    cfg = bundle.config
+    elem = torch.finfo(bundle.model.dtype).bits // 8
+    layers = sum(cfg.layer_params(spec.heads[i], spec.mlp[i]) for i in spec.layers)
+    norms = (2 * len(spec.layers) + 1) * cfg.hidden_size
+    return (layers + norms + cfg.vocab_size * cfg.hidden_size) * elem
+
+
+def prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
+    """`batch` different prompts of exactly `length` tokens from the corpus (or filler text)."""
+    text = (CORPUS / "emma.txt").read_text()[20000:80000] if CORPUS.exists() else "word " * 20000
+    ids = tokenizer(text)["input_ids"]
+    return [ids[i * length : (i + 1) * length] for i in range(batch)]
+
+
+def time_ours(llm: LLM, batch: list[list[int]], shape: str, new: int) -> float:
+    def run(n: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(batch, params, shape=shape)
+        return time.perf_counter() - t
+
+    run(2)  # warm-up
+    return run(1 + new) - run(1)
+
+
+def time_hf(hf: torch.nn.Module, batch: list[list[int]], new: int) -> float:
+    ids = torch.tensor(batch)
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # type: ignore[operator]
+        return time.perf_counter() - t
+
+    run(2)
+    return run(1 + new) - run(1)
+
+
+def pick_shapes(llm: LLM) -> list[ShapeSpec]:
+    """The full shape and those nearest 75% and 50% of the decoder bytes (depth- and width-wise)."""
+    specs = llm.shapes
+    full = specs[0]
+    chosen = [full]
+    for target in (0.75, 0.5):
+        by_depth = [s for s in specs if s.shape.width == 1.0]
+        by_width = [s for s in specs if s.shape.depth == full.shape.depth]
+        for group in (by_depth, by_width):
+            best = min(group, key=lambda s: abs(s.weight_fraction - target))
+            if best not in chosen:
+                chosen.append(best)
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--pack", default=None)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="16 new tokens, batch 1, fp32")
+    parser.add_argument("--out", default="bench/results/bench_decode.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.dtypes, args.batches, args.new_tokens = "float32", "1", 16
+    torch.set_num_threads(args.threads)
+    bandwidth = measure_bandwidth()
+    print(f"threads {args.threads}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    results = []
+    for dtype in args.dtypes.split(","):
+        llm = LLM(args.model, args.pack, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(llm.model_dir, dtype=llm.bundle.model.dtype)
+        shapes = pick_shapes(llm)
+        full_bytes = bytes_per_token(llm.bundle, shapes[0])
+        for b in map(int, args.batches.split(",")):
+            batch = prompts(llm.tokenizer, b, args.prompt_len)
+            hf_tps = b * args.new_tokens / time_hf(hf, batch, args.new_tokens)
+            full_tps = None
+            for spec in shapes:
+                tps = b * args.new_tokens / time_ours(llm, batch, spec.name, args.new_tokens)
+                full_tps = full_tps or tps
+                nbytes = bytes_per_token(llm.bundle, spec)
+                row = {
+                    "dtype": dtype,
+                    "batch": b,
+                    "shape": spec.name,
+                    "weight_fraction": round(spec.weight_fraction, 4),
+                    "bytes_per_token": nbytes,
+                    "tok_s": round(tps, 2),
+                    "hf_tok_s": round(hf_tps, 2),
+                    "vs_hf": round(tps / hf_tps, 3),
+                    "limit_fraction": round(tps / b * nbytes / bandwidth, 3) if b == 1 else None,
+                    "speedup": round(tps / full_tps, 3),
+                    "bytes_speedup": round(full_bytes / nbytes, 3),
+                }
+                row["speedup_vs_bytes"] = round(row["speedup"] / row["bytes_speedup"], 3)
+                results.append(row)
+                print(
+                    f"{dtype:>9} B={b} {spec.name:<11} {row['weight_fraction']:>6.1%} "
+                    f"{tps:7.1f} tok/s  HF {hf_tps:6.1f}  x{row['vs_hf']:.2f} vs HF  "
+                    f"speed-up {row['speedup']:.2f} (bytes predict {row['bytes_speedup']:.2f}, "
+                    f"{row['speedup_vs_bytes']:.0%})"
+                    + (f"  {row['limit_fraction']:.0%} of the byte limit" if b == 1 else "")
+                )
+        del llm, hf
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpu_flags_bf16": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "avx2", "avx512f"}),
+        "threads": args.threads,
+        "bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "torch": torch.__version__,
+        "args": vars(args),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""End to end on the embedded SmolLM2-135M: same tokens as transformers, every shape runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from elasticserve import LLM, SamplingParams
+
+from .conftest import requires_default_model
+from .helpers import prefill_logits
+
+pytestmark = requires_default_model
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf(llm):
+    return AutoModelForCausalLM.from_pretrained(llm.model_dir, dtype=torch.float32)
+
+
+def test_full_shape_logits_equal_transformers(llm, hf):
+    ids = llm.tokenizer("Anne Elliot had been a very pretty girl")["input_ids"]
+    ours = prefill_logits(llm.bundle, [ids], [llm.bundle.full])[0]
+    ref = hf(torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max().item() <= 1e-3
+
+
+def test_greedy_continuation_equals_transformers(llm, hf):
+    messages = [{"role": "user", "content": "Name three novels by Jane Austen."}]
+    prompt = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = llm.tokenizer(prompt)["input_ids"]
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == ref[0, len(ids) :].tolist()
+    assert out.shape == "d30-w1.0"
+
+
+def test_every_shape_generates(llm):
+    shapes = [s.name for s in llm.shapes]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    outs = llm.generate(["It was a dark and stormy night"] * len(shapes), params, shape=shapes)
+    assert [o.shape for o in outs] == shapes
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
