@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registrations() -> list[Callable[[argparse._SubParsersAction], None]]:
-    return []
+    from .bench.cli import register as bench
+
+    return [bench]
 
 
 def main(argv: list[str] | None = None) -> None:

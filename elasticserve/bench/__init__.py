@@ -1,0 +1,1 @@
+"""Serving benchmark: drive any OpenAI-compatible server, measure latency, goodput, shape mix."""
