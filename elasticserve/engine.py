@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,11 +20,13 @@ from .block_manager import BlockManager
 from .bundle import ModelBundle
 from .detokenize import IncrementalDetokenizer
 from .outputs import CompletionOutput, RequestOutput
+from .policy import SLO, LoadState, LoadTracker, Overloaded, Policy, Refuse, RequestView
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
 from .shapes import Shape, ShapeSpec
 from .step import SeqChunk, build_step
+from .stepmodel import StepLoad, step_load
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,10 @@ class Request:
     stop_reason: int | str | None = None
     shape_tokens: dict[str, int] = field(default_factory=dict)
     narrowest: ShapeSpec | None = None
+    # what the shape policy must respect
+    pinned: bool = False  # an explicit shape: the policy never changes it
+    min_shape: ShapeSpec | None = None  # the policy never goes below it in depth or width
+    slo: SLO = field(default_factory=SLO)
 
 
 _FINISH_STATUS = {
@@ -63,8 +72,19 @@ _FINISH_STATUS = {
 class LLMEngine:
     """Runs requests of any shapes together; single-threaded (the async wrapper owns the thread)."""
 
-    def __init__(self, bundle: ModelBundle, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        config: EngineConfig | None = None,
+        policy: Policy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.bundle = bundle
+        self.policy = policy  # None: the requested shape, else the full one
+        self.clock = clock  # arrival times and the policy's "now"
+        self.load = LoadTracker()
+        self.shape_switches: Counter[str] = Counter()  # "in_flight", "queued" (by the policy)
+        self.last_step: tuple[StepLoad, float] | None = None  # load and seconds of the last step
         self.config = config = config or EngineConfig()
         cfg, model = bundle.config, bundle.model
         max_len = bundle.max_model_len
@@ -107,10 +127,21 @@ class LLMEngine:
         request_id: str | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        slo: SLO | Mapping[str, Any] | None = None,
+        min_shape: str | Shape | ShapeSpec | None = None,
     ) -> str:
-        """Queue a request; raises ValueError (nothing queued) for a bad prompt, shape or length."""
+        """Queue a request; raises ValueError (nothing queued) for a bad prompt, shape or length.
+
+        shape None or "auto": the policy picks it (full without a policy); any other shape is
+        pinned. Raises `Overloaded` when the policy refuses the request.
+        """
         params = params or SamplingParams()
-        spec = self.bundle.spec(shape)
+        pinned = shape is not None and not (isinstance(shape, str) and shape.strip() == "auto")
+        spec = self.bundle.spec(shape if pinned else None)
+        slo = slo if isinstance(slo, SLO) else SLO.from_dict(slo)
+        floor = None if min_shape is None else self.bundle.spec(min_shape)
+        if pinned and floor is not None and not _at_least(spec, floor):
+            raise ValueError(f"shape {spec.name} is below min_shape {floor.name}")
         if isinstance(prompt, str):
             text: str | None = prompt
             token_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -136,6 +167,22 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        now = self.clock()
+        arrival_time = now if arrival_time is None else arrival_time
+        if self.policy is not None:
+            view = RequestView(
+                request_id=request_id,
+                shape_id=spec.id,
+                layers=spec.layers,
+                has_kv=False,
+                prompt_tokens=len(token_ids),
+                max_tokens=max_tokens,
+                arrival_time=arrival_time,
+                pinned=pinned,
+                min_shape_id=None if floor is None else floor.id,
+                slo=slo,
+            )
+            spec = self._admit(view, now)
         seq = Sequence(
             seq_id=request_id,
             prompt_token_ids=token_ids,
@@ -143,9 +190,10 @@ class LLMEngine:
             shape_id=spec.id,
             max_tokens=max_tokens,
             priority=priority,
-            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            arrival_time=arrival_time,
         )
         self.scheduler.add(seq)
+        self.load.arrive(now, len(token_ids), max_tokens)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.bundle.model.device).manual_seed(params.seed)
@@ -157,6 +205,9 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params),
             generator=generator,
             logprobs=[] if params.logprobs is not None else None,
+            pinned=pinned,
+            min_shape=floor,
+            slo=slo,
         )
         return request_id
 
@@ -188,17 +239,88 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that produced a token or finished."""
+        if self.policy is not None and self.scheduler.has_unfinished():
+            self._apply_policy(self.policy)
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        load = step_load(
+            (self.requests[s.seq.seq_id].spec.shape, s.num_new_tokens, s.start)
+            for s in out.scheduled
+        )
+        start = time.perf_counter()
         logits, sampled = self._run(out)
         outputs = self._sample_and_append(out, logits, sampled)
         for req in sampled:
             if req.finish_reason is not None:
                 self.scheduler.finish(req.seq, _FINISH_STATUS[req.finish_reason])
                 del self.requests[req.seq.seq_id]
+                self.load.finish(req.seq.num_output_tokens)
         self.scheduler.postprocess(out)
+        self.last_step = (load, time.perf_counter() - start)
+        if self.policy is not None:
+            self.policy.observe(*self.last_step)
         return outputs
+
+    # -- shape policy --------------------------------------------------------------------------
+
+    def _admit(self, view: RequestView, now: float) -> ShapeSpec:
+        """The policy's shape for a new request; raises Overloaded if it refuses."""
+        assert self.policy is not None
+        choice = self.policy.admit(view, self._load_state(now), now)
+        if isinstance(choice, Refuse):
+            raise Overloaded(choice)
+        return self.bundle.specs[choice]
+
+    def _apply_policy(self, policy: Policy) -> None:
+        """Move unpinned requests to the policy's shapes before scheduling the next step."""
+        now = self.clock()
+        decision = policy.decide(self._load_state(now), now)
+        for request_id, shape_id in decision.changes.items():
+            req, spec = self.requests[request_id], self.bundle.specs[shape_id]
+            seq = req.seq
+            if seq.block_table:
+                self.set_shape(request_id, spec)  # width any, depth only shrinks
+                self.shape_switches["in_flight"] += 1
+                continue
+            need = self.block_manager.blocks_for(
+                len(spec.layers), seq.num_prompt_tokens + seq.max_tokens
+            )
+            if need <= self.block_manager.num_blocks:  # no KV yet: any depth that can fit
+                seq.layers, seq.shape_id, req.spec = spec.layers, spec.id, spec
+                self.shape_switches["queued"] += 1
+
+    def _load_state(self, now: float) -> LoadState:
+        views = [self._view(self.requests[s.seq_id]) for s in self.scheduler.waiting]
+        running = [self._view(self.requests[s.seq_id]) for s in self.scheduler.running]
+        return LoadState(
+            waiting=tuple(views),
+            running=tuple(running),
+            kv_usage=self.kv_usage,
+            arrival_rate=self.load.rate(now),
+            mean_prompt_tokens=self.load.mean_prompt_tokens,
+            mean_output_tokens=self.load.mean_output_tokens,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+        )
+
+    @staticmethod
+    def _view(req: Request) -> RequestView:
+        seq = req.seq
+        return RequestView(
+            request_id=seq.seq_id,
+            shape_id=req.spec.id,
+            layers=seq.layers,
+            has_kv=bool(seq.block_table),
+            prompt_tokens=seq.num_prompt_tokens,
+            output_tokens=seq.num_output_tokens,
+            computed_tokens=seq.num_computed_tokens,
+            max_tokens=seq.max_tokens,
+            arrival_time=seq.arrival_time,
+            pinned=req.pinned,
+            min_shape_id=None if req.min_shape is None else req.min_shape.id,
+            slo=req.slo,
+        )
 
     def _run(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
         chunks, sampled = [], []
@@ -223,6 +345,7 @@ class LLMEngine:
             self.config.block_size,
             self.bundle.biases,
             self.bundle.model.device,
+            kernels=self.bundle.model.use_kernels,
         )
         logits = self.bundle.model.forward(step, self.cache)
         rows = [
@@ -299,3 +422,7 @@ class LLMEngine:
             narrowest_shape=narrowest.name,
             shape_tokens=dict(req.shape_tokens),
         )
+
+
+def _at_least(spec: ShapeSpec, floor: ShapeSpec) -> bool:
+    return spec.shape.depth >= floor.shape.depth and spec.shape.width >= floor.shape.width

@@ -160,6 +160,8 @@ class ElasticModel:
     ):
         self.config = config
         self.weights = weights
+        # The one switch between the Triton kernels and torch ops on prefix views.
+        self.use_kernels = weights.embed.is_cuda
         self.cos, self.sin = rope  # [max_pos, hd] each
 
     @property

@@ -77,8 +77,12 @@ def build_step(
     block_size: int,
     biases: BiasTable | None = None,
     device: torch.device | str = "cpu",
+    kernels: bool = False,
 ) -> StepInput:
-    """Sort chunks into width segments and plan every layer of one forward step."""
+    """Sort chunks into width segments and plan every layer of one forward step.
+
+    `kernels` puts each layer's segment metadata on `device` for the Triton kernels.
+    """
     biases = biases or {}
     order = sorted(
         range(len(chunks)),
@@ -92,14 +96,13 @@ def build_step(
         starts.append(len(ids))
         ids += c.token_ids
         positions += range(c.num_computed, c.num_computed + len(c.token_ids))
-    total = len(ids)
 
     plans: list[LayerPlan | None] = []
     for layer in range(num_layers):
         active = [j for j, c in enumerate(sorted_chunks) if c.spec.kept[layer]]
         plans.append(
             _plan_layer(
-                layer, active, sorted_chunks, starts, total, head_dim, block_size, biases, device
+                layer, active, sorted_chunks, starts, head_dim, block_size, biases, device, kernels
             )
             if active
             else None
@@ -126,11 +129,11 @@ def _plan_layer(
     active: list[int],
     chunks: list[SeqChunk],
     starts: list[int],
-    total: int,
     head_dim: int,
     block_size: int,
     biases: BiasTable,
     device: torch.device | str,
+    kernels: bool,
 ) -> LayerPlan:
     """Plan one layer for the chunks (indices into `chunks`) whose shape keeps it."""
     spans = [(starts[j], starts[j] + len(chunks[j].token_ids)) for j in active]
@@ -176,8 +179,8 @@ def _plan_layer(
     decode = _decode_plan(dec_rows, dec_tables, dec_lens, block_size, device) if dec_rows else None
     return LayerPlan(
         rows=rows,
-        attn_bands=make_bands(attn),
-        mlp_bands=make_bands(mlp),
+        attn_bands=make_bands(attn, device if kernels else None),
+        mlp_bands=make_bands(mlp, device if kernels else None),
         biases=plan_biases,
         write_slots=torch.tensor(write, device=device) if write else None,
         decode=decode,

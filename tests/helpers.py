@@ -105,11 +105,11 @@ def _cols(linear: torch.nn.Linear, cols: torch.Tensor) -> torch.nn.Linear:
 
 
 def prefill_logits(
-    bundle: ModelBundle, prompts: list[list[int]], specs: list[ShapeSpec]
+    bundle: ModelBundle, prompts: list[list[int]], specs: list[ShapeSpec], kernels: bool = False
 ) -> list[torch.Tensor]:
     """All-position logits of several sequences run together in one cache-less step."""
     chunks = [SeqChunk(s, p, logits="all") for p, s in zip(prompts, specs, strict=True)]
     cfg = bundle.config
-    step = build_step(chunks, cfg.num_layers, cfg.head_dim, 16, bundle.biases)
+    step = build_step(chunks, cfg.num_layers, cfg.head_dim, 16, bundle.biases, kernels=kernels)
     logits = bundle.model.forward(step)
     return [logits[sl] for sl in step.logit_slices]
