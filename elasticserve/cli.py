@@ -94,10 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _register_serve(sub: argparse._SubParsersAction) -> None:
+    from .server.api import add_serve_arguments, run_serve
+
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
+
+
 def _registrations() -> list[Callable[[argparse._SubParsersAction], None]]:
     from .bench.cli import register as bench
+    from .cli_profile import register as profile
 
-    return [bench]
+    return [_register_serve, profile, bench]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -412,7 +412,7 @@ class LLMEngine:
                     text=req.detokenizer.text,
                     token_ids=list(req.seq.output_token_ids),
                     cumulative_logprob=req.cumulative_logprob,
-                    logprobs=req.logprobs,
+                    logprobs=None if req.logprobs is None else list(req.logprobs),
                     finish_reason=req.finish_reason,
                     stop_reason=req.stop_reason,
                 )

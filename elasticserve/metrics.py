@@ -1,0 +1,162 @@
+"""Prometheus metrics: vLLM's names under an `elasticserve:` prefix, labelled by shape.
+
+Each `EngineMetrics` (one per app) has its own CollectorRegistry, never the global one, so several
+servers can live in one process. The engine thread times each request (`RequestTimes`) as its
+outputs appear and reports to every attached `EngineMetrics`; the load gauges follow every step.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .outputs import RequestOutput
+
+PREFIX = "elasticserve:"
+# vLLM's buckets, with finer ones at the bottom: small shapes on a GPU decode in about a ms.
+TTFT_BUCKETS = (
+    *(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75),
+    *(1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0),
+)
+ITL_BUCKETS = (
+    *(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4),
+    *(0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0),
+)
+REQUEST_BUCKETS = (
+    *(0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0),
+    *(40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0),
+)
+
+
+@dataclass
+class RequestTimes:
+    """What the metrics remember about one request between its outputs (engine thread only)."""
+
+    arrival: float  # time.monotonic() when the server received it
+    scheduled: bool = False
+    last_shape: str | None = None
+    last_token: float | None = None
+    num_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New tokens of one request, with the latencies they imply."""
+
+    shape: str
+    new_tokens: int
+    prompt_tokens: int
+    ttft: float | None  # set on the request's first token
+    itl: float | None  # per-token gap since its previous output, otherwise
+    switched_from: str | None  # the shape of its previous tokens, when it changed
+
+
+def token_event(times: RequestTimes, out: RequestOutput, now: float) -> TokenEvent | None:
+    """Advance `times` past `out`; None if `out` brought no new token."""
+    new = len(out.outputs[0].token_ids) - times.num_tokens if out.outputs else 0
+    if new <= 0:
+        return None
+    first = times.last_token is None
+    switched = times.last_shape if times.last_shape not in (None, out.shape) else None
+    event = TokenEvent(
+        shape=out.shape,
+        new_tokens=new,
+        prompt_tokens=len(out.prompt_token_ids),
+        ttft=now - times.arrival if first else None,
+        itl=None if first else (now - (times.last_token or now)) / new,
+        switched_from=switched,
+    )
+    times.num_tokens += new
+    times.last_token, times.last_shape = now, out.shape
+    return event
+
+
+class EngineMetrics:
+    """The server's metrics, in a registry of their own; every method is thread-safe."""
+
+    def __init__(self, model_name: str, shapes: Iterable[str]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        self.shapes = list(shapes)
+        shape = ["model_name", "shape"]
+        self.running = self._gauge("num_requests_running", "Requests in the running batch.", shape)
+        self.waiting = self._gauge(
+            "num_requests_waiting", "Requests waiting to be scheduled.", shape
+        )
+        self.kv_usage = self._gauge(
+            "kv_cache_usage_perc", "KV-cache usage (1 = full).", ["model_name"]
+        )
+        self.ttft = self._histogram(
+            "time_to_first_token_seconds", "Time to first token.", shape, TTFT_BUCKETS
+        )
+        self.itl = self._histogram(
+            "inter_token_latency_seconds",
+            "Time between two tokens of a request.",
+            shape,
+            ITL_BUCKETS,
+        )
+        self.e2e = self._histogram(
+            "e2e_request_latency_seconds", "Arrival to last token.", shape, REQUEST_BUCKETS
+        )
+        self.queue_time = self._histogram(
+            "request_queue_time_seconds", "Arrival to first scheduled.", shape, REQUEST_BUCKETS
+        )
+        self.prompt_tokens = self._counter("prompt_tokens", "Prefilled prompt tokens.", shape)
+        self.generation_tokens = self._counter("generation_tokens", "Generated tokens.", shape)
+        self.success = self._counter(
+            "request_success", "Finished requests.", [*shape, "finished_reason"]
+        )
+        self.switches = self._counter(
+            "shape_switches",
+            "A request's tokens moved to another shape in flight.",
+            ["model_name", "from_shape", "to_shape"],
+        )
+        for name in self.shapes:  # so a dashboard sees zeros, not gaps, for idle shapes
+            self.running.labels(model_name, name).set(0)
+            self.waiting.labels(model_name, name).set(0)
+
+    def _gauge(self, name: str, doc: str, labels: list[str]) -> Gauge:
+        return Gauge(PREFIX + name, doc, labels, registry=self.registry)
+
+    def _counter(self, name: str, doc: str, labels: list[str]) -> Counter:
+        return Counter(PREFIX + name, doc, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, doc: str, labels: list[str], buckets: tuple[float, ...]
+    ) -> Histogram:
+        return Histogram(PREFIX + name, doc, labels, registry=self.registry, buckets=buckets)
+
+    def set_load(self, running: Tally[str], waiting: Tally[str], kv_usage: float) -> None:
+        """Requests running and waiting per shape, and KV use, after a step."""
+        for name in {*self.shapes, *running, *waiting}:
+            self.running.labels(self.model_name, name).set(running[name])
+            self.waiting.labels(self.model_name, name).set(waiting[name])
+        self.kv_usage.labels(self.model_name).set(kv_usage)
+
+    def on_scheduled(self, shape: str, queue_time: float) -> None:
+        """A request ran for the first time, `queue_time` after it arrived."""
+        self.queue_time.labels(self.model_name, shape).observe(max(0.0, queue_time))
+
+    def on_tokens(self, event: TokenEvent) -> None:
+        """A request produced tokens: TTFT or inter-token latency, token counts, switches."""
+        name, shape = self.model_name, event.shape
+        if event.ttft is not None:
+            self.ttft.labels(name, shape).observe(event.ttft)
+            self.prompt_tokens.labels(name, shape).inc(event.prompt_tokens)
+        if event.itl is not None:
+            self.itl.labels(name, shape).observe(event.itl)
+        if event.switched_from is not None:
+            self.switches.labels(name, event.switched_from, shape).inc()
+        self.generation_tokens.labels(name, shape).inc(event.new_tokens)
+
+    def on_finished(self, shape: str, reason: str, e2e: float) -> None:
+        """A request ended (stop, length, abort, error) at `shape`, its narrowest."""
+        self.e2e.labels(self.model_name, shape).observe(e2e)
+        self.success.labels(self.model_name, shape, reason).inc()
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
