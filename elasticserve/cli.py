@@ -94,19 +94,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _register_serve(sub: argparse._SubParsersAction) -> None:
-    from .server.api import add_serve_arguments, run_serve
+def _serve(args: argparse.Namespace) -> None:
+    from .server.ray_serve import run_ray_serve, use_ray
 
-    serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    if use_ray(args):
+        run_ray_serve(args)
+    else:
+        from .server.api import run_serve
+
+        run_serve(args)
+
+
+def _register_serve(sub: argparse._SubParsersAction) -> None:
+    from .server.api import add_serve_arguments
+    from .server.ray_serve import add_ray_arguments
+
+    serve = sub.add_parser(
+        "serve", help="start the OpenAI-compatible server (--replicas N: on Ray Serve)"
+    )
     add_serve_arguments(serve)
-    serve.set_defaults(func=run_serve)
+    add_ray_arguments(serve)
+    serve.set_defaults(func=_serve)
 
 
 def _registrations() -> list[Callable[[argparse._SubParsersAction], None]]:
     from .bench.cli import register as bench
+    from .calibrate.cli import register as calibrate
     from .cli_profile import register as profile
 
-    return [_register_serve, profile, bench]
+    return [_register_serve, calibrate, profile, bench]
 
 
 def main(argv: list[str] | None = None) -> None:

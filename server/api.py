@@ -658,10 +658,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
-def run_serve(args: argparse.Namespace) -> None:
-    """Load the model, start the engine thread and serve HTTP until interrupted."""
-    import uvicorn
-
+def build_server(args: argparse.Namespace) -> tuple[AsyncLLMEngine, FastAPI]:
+    """The engine (running) and app that `elasticserve serve` serves for `args`."""
     from elasticserve.bundle import load_bundle
     from elasticserve.engine import EngineConfig, LLMEngine
     from elasticserve.latency import policy_for
@@ -690,8 +688,15 @@ def run_serve(args: argparse.Namespace) -> None:
     )
     engine = AsyncLLMEngine(LLMEngine(bundle, config, policy=policy), args.max_waiting)
     latency = predicted_latency(profile.model(), bundle.specs) if profile else None
-    app = build_app(engine, bundle.name, api_key=args.api_key, shape_latency=latency)
     log.info("serving %s (%d shapes, policy %s)", bundle.name, len(bundle.specs), args.policy)
+    return engine, build_app(engine, bundle.name, api_key=args.api_key, shape_latency=latency)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """Load the model, start the engine thread and serve HTTP until interrupted."""
+    import uvicorn
+
+    engine, app = build_server(args)
     try:
         uvicorn.run(
             app,

@@ -1,0 +1,254 @@
+"""Quality of the pack's shapes against training-free baselines, on held-out text, in one run.
+
+Width (full depth, equal weight bytes): the pack (global median-normalised WIFV ranking + bias
+compensation) vs FLAP-style uniform per-layer WIFV + bias vs the unpermuted prefix (no calibration).
+Depth (full width): the pack's DP layer tables vs block influence (ShortGPT) vs greedy removal,
+the last two computed here on the same calibration batch the DP used.
+
+    python bench/bench_quality.py            # ~15 min on 2 CPU cores
+    python bench/bench_quality.py --quick    # a few minutes, fewer tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from elasticserve.bundle import ModelBundle, load_bundle
+from elasticserve.calibrate.depth import LayerRunner, block_influence_tables, greedy_tables
+from elasticserve.calibrate.importance import activation_stats, bias_compensation, load_dense
+from elasticserve.calibrate.run import calibration_windows, dp_batch
+from elasticserve.data import load_token_ids
+from elasticserve.evaluate import perplexity
+from elasticserve.pack import Pack, identity_pack, uniform_widths
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "corpus" / "austen"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pack", default=str(ROOT / "elasticserve/packs/smollm2-135m"))
+    p.add_argument("--calib-data", default=str(CORPUS))
+    p.add_argument("--eval-data", default=str(CORPUS / "persuasion.txt"))
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (as the pack)")
+    p.add_argument("--dp-tokens", type=int, default=1024, help="depth-search tokens (as the pack)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--quick", action="store_true", help="1,024 eval tokens, 512 depth tokens")
+    p.add_argument("--out", default=str(ROOT / "bench/results/bench_quality.json"))
+    p.add_argument("--markdown", default=str(ROOT / "bench/results/quality_table.md"))
+    args = p.parse_args()
+    if args.quick:
+        args.eval_tokens, args.dp_tokens = 1024, 512
+    return args
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in info.read_text().splitlines()
+            if "model name" in ln
+        ]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32"
+
+
+def ppl(bundle: ModelBundle, shape: str, ids: list[int]) -> float:
+    value = perplexity(bundle, shape, ids)
+    print(f"  {bundle.pack.meta.get('kind', '?'):>10} {shape:<10} ppl {value:10.2f}", flush=True)
+    return value
+
+
+def shape_rows(bundle: ModelBundle, ids: list[int]) -> list[dict]:
+    """Every shape of the pack: weight fraction and perplexity."""
+    return [
+        {"shape": s.name, "weight_fraction": s.weight_fraction, "ppl": ppl(bundle, s.name, ids)}
+        for s in bundle.specs
+    ]
+
+
+def width_rows(args, pack: Pack, bundle: ModelBundle, hf, calib, ids, full: dict) -> list[dict]:
+    """Pack widths vs uniform WIFV + bias vs unpermuted prefix, at full depth."""
+    cfg, num = pack.config, pack.config.num_layers
+    stats = activation_stats(hf, calib)
+    widths = [w for w in pack.widths if w < 1]
+    uniform = {w: uniform_widths(cfg, w) for w in pack.widths}
+    flap = Pack(
+        pack.fingerprint, cfg, pack.head_order, pack.mlp_order, uniform, {num: tuple(range(num))},
+        bias_compensation(hf, stats, pack.head_order, pack.mlp_order, uniform, cfg),
+        meta={"kind": "uniform"},
+    )  # fmt: skip
+    prefix = identity_pack(cfg, pack.fingerprint, tuple(pack.widths), [num])
+    baselines = {
+        "uniform_wifv_bias": load_bundle(bundle.model_dir, pack=flap, dtype="float32"),
+        "prefix": load_bundle(bundle.model_dir, pack=prefix, dtype="float32"),
+    }
+    rows = []
+    for w in widths:
+        name = f"d{num}-w{w}"
+        row = {
+            "width": w,
+            "pack": full[name]["ppl"],
+            "weight_fraction": full[name]["weight_fraction"],
+        }
+        for key, b in baselines.items():
+            row[key] = ppl(b, name, ids)
+            row[f"{key}_weight_fraction"] = b.spec(name).weight_fraction
+        rows.append(row)
+    return rows
+
+
+def depth_rows(args, pack: Pack, bundle: ModelBundle, hf, calib, ids, full: dict) -> list[dict]:
+    """DP layer tables vs block influence vs greedy removal, at full width."""
+    num = pack.config.num_layers
+    depths = [d for d in pack.depths if d < num]
+    runner = LayerRunner(hf, dp_batch(calib, args.dp_tokens), args.seq_len // 2)
+    tables = {
+        "block_influence": block_influence_tables(runner, depths),
+        "greedy": greedy_tables(runner, depths),
+    }
+    rows = []
+    for d in depths:
+        row: dict = {"depth": d, "dp": full[f"d{d}-w1.0"]["ppl"], "dp_layers": pack.layer_tables[d]}
+        for key, table in tables.items():
+            base = load_bundle(
+                bundle.model_dir, pack=_with_table(pack, d, table[d]), dtype="float32"
+            )
+            row[key] = ppl(base, f"d{d}-w1.0", ids)
+            row[f"{key}_layers"] = table[d]
+        rows.append(row)
+    return rows
+
+
+def _with_table(pack: Pack, depth: int, layers: tuple[int, ...]) -> Pack:
+    num = pack.config.num_layers
+    widths = {1.0: pack.layer_widths[1.0]}
+    tables = {num: tuple(range(num)), depth: layers}
+    kind: dict[str, object] = {"kind": "depth-baseline"}
+    return Pack(
+        pack.fingerprint, pack.config, pack.head_order, pack.mlp_order, widths, tables, meta=kind
+    )
+
+
+def print_tables(result: dict) -> None:
+    full_ppl = result["shapes"][0]["ppl"]
+    print(f"\nfull model ppl {full_ppl:.2f} ({result['eval_tokens']} tokens of persuasion.txt)")
+    print(f"\n{'shape':<12}{'weights':>9}{'ppl':>10}{'x full':>8}  usable (<=1.5x)")
+    for r in result["shapes"]:
+        ratio = r["ppl"] / full_ppl
+        mark = "yes" if ratio <= 1.5 else ""
+        print(f"{r['shape']:<12}{r['weight_fraction']:>9.1%}{r['ppl']:>10.2f}{ratio:>8.2f}  {mark}")
+    print(f"\n{'width':<7}{'weights':>9}{'pack':>9}{'uniform':>10}{'prefix':>11}{'unif/pack':>11}")
+    for r in result["width"]:
+        print(
+            f"{r['width']:<7}{r['weight_fraction']:>9.1%}{r['pack']:>9.2f}"
+            f"{r['uniform_wifv_bias']:>10.2f}{r['prefix']:>11.1f}"
+            f"{r['uniform_wifv_bias'] / r['pack']:>11.2f}"
+        )
+    print(f"\n{'depth':<7}{'DP':>9}{'block infl.':>13}{'greedy':>9}{'BI/DP':>8}{'greedy/DP':>11}")
+    for r in result["depth"]:
+        print(
+            f"{r['depth']:<7}{r['dp']:>9.2f}{r['block_influence']:>13.2f}{r['greedy']:>9.2f}"
+            f"{r['block_influence'] / r['dp']:>8.2f}{r['greedy'] / r['dp']:>11.2f}"
+        )
+
+
+def markdown(result: dict) -> str:
+    """The BENCHMARKS.md section: command, machine and the three tables."""
+    full_ppl = result["shapes"][0]["ppl"]
+    lines = [
+        "## Quality of the shapes (held-out perplexity)",
+        "",
+        f"`{result['command']}` on {result['machine']}: perplexity on the first "
+        f"{result['eval_tokens']} tokens of persuasion.txt (non-overlapping windows of "
+        f"{result['window']}), pack `{result['pack']}` calibrated on the other five novels. "
+        f"Usable = within 1.5x of the full model ({full_ppl:.2f}).",
+        "",
+        "| shape | weight bytes | ppl | x full | usable |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["shapes"]:
+        ratio = r["ppl"] / full_ppl
+        usable = "yes" if ratio <= 1.5 else ""
+        fraction = f"{r['weight_fraction']:.1%}"
+        lines.append(f"| {r['shape']} | {fraction} | {r['ppl']:.2f} | {ratio:.2f} | {usable} |")
+    lines += [
+        "",
+        "Width at full depth, equal weight bytes: pack (global median-normalised WIFV ranking + "
+        "bias) vs uniform per-layer WIFV + bias (FLAP-style) vs the unpermuted prefix.",
+        "",
+        "| width | weight bytes | pack | uniform WIFV + bias | prefix | uniform / pack |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["width"]:
+        lines.append(
+            f"| {r['width']} | {r['weight_fraction']:.1%} | {r['pack']:.2f} | "
+            f"{r['uniform_wifv_bias']:.2f} | {r['prefix']:.4g} | "
+            f"{r['uniform_wifv_bias'] / r['pack']:.2f} |"
+        )
+    lines += [
+        "",
+        "Depth at full width: the pack's DP layer tables vs block influence vs greedy removal "
+        "(both on the DP's calibration batch).",
+        "",
+        "| depth | DP | block influence | greedy | BI / DP | greedy / DP |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["depth"]:
+        lines.append(
+            f"| {r['depth']} | {r['dp']:.2f} | {r['block_influence']:.2f} | {r['greedy']:.2f} | "
+            f"{r['block_influence'] / r['dp']:.2f} | {r['greedy'] / r['dp']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    started = time.monotonic()
+    pack = Pack.load(args.pack)
+    bundle = load_bundle(None, pack=pack, dtype="float32")
+    ids = load_token_ids(bundle.tokenizer, [args.eval_data], max_tokens=args.eval_tokens)
+    exclude = [Path(args.eval_data).name]
+    calib = calibration_windows(
+        bundle.tokenizer, [args.calib_data], exclude, args.tokens, args.seq_len
+    )
+    hf = load_dense(bundle.model_dir)
+    print("pack shapes:")
+    shapes = shape_rows(bundle, ids)
+    full = {r["shape"]: r for r in shapes}
+    print("width baselines:")
+    width = width_rows(args, pack, bundle, hf, calib, ids, full)
+    print("depth baselines:")
+    depth = depth_rows(args, pack, bundle, hf, calib, ids, full)
+    result = {
+        "command": "python " + shlex.join(["bench/bench_quality.py", *sys.argv[1:]]),
+        "machine": machine(),
+        "eval_tokens": len(ids),
+        "window": min(bundle.max_model_len, 512),
+        "pack": str(Path(args.pack).resolve().relative_to(ROOT)),
+        "shapes": shapes,
+        "width": width,
+        "depth": depth,
+        "seconds": round(time.monotonic() - started),
+    }
+    print_tables(result)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.markdown).write_text(markdown(result))
+    print(f"\nwrote {args.out} and {args.markdown} ({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Layer tables: which layers each depth keeps, by AmoebaLLM's dynamic programming, plus baselines.
+
+Every candidate is scored by the KL divergence of its next-token distribution from the full
+model's on a small calibration batch. The DP walks from the last layer backwards, so the layers
+before the one it decides on are all kept: their inputs are the full model's, computed once and
+cached, and scoring a candidate only runs the layers after it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+LayerTables = dict[int, tuple[int, ...]]
+
+
+class LayerRunner:
+    """Runs any subset of a transformers decoder's layers on cached hidden states."""
+
+    def __init__(self, hf: PreTrainedModel, ids: torch.Tensor, scored: int | None = None):
+        # ids [N, T]; the KL is taken over the last `scored` positions of each window
+        self.hf, self.ids = hf, ids
+        self.layers = list(hf.model.layers)
+        positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+        with torch.inference_mode():
+            embeds = hf.model.embed_tokens(ids)  # [N, T, H]
+            self.rope = hf.model.rotary_emb(embeds, positions)
+            self.inputs = self.run(embeds, range(len(self.layers)), keep=True)
+            self.scored = slice(-(scored or ids.shape[1]), None)
+            self.ref = self.log_probs(self.inputs[-1])  # [N, S, V] full model
+
+    @torch.inference_mode()
+    def run(
+        self, h: torch.Tensor, layers: range | list[int], keep: bool = False
+    ) -> list[torch.Tensor]:
+        """Hidden states after each of `layers` ([h] + outputs if keep, else [output])."""
+        out = [h]
+        for i in layers:
+            h = self.layers[i](h, position_embeddings=self.rope)
+            if keep:
+                out.append(h)
+        return out if keep else [h]
+
+    @torch.inference_mode()
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities of the scored positions: [N, S, V]."""
+        h = self.hf.model.norm(h[:, self.scored])
+        return F.log_softmax(self.hf.lm_head(h).float(), dim=-1)
+
+    @torch.inference_mode()
+    def kl(self, h: torch.Tensor) -> float:
+        """Mean KL(full || candidate) per scored token."""
+        logp = self.log_probs(h)
+        return (self.ref.exp() * (self.ref - logp)).sum(-1).mean().item()
+
+    def score(self, kept: list[int], start: int, h: torch.Tensor | None = None) -> float:
+        """KL of the network keeping `kept`, identical to the full one before layer `start`."""
+        h = self.inputs[start] if h is None else h
+        return self.kl(self.run(h, [i for i in kept if i >= start])[0])
+
+
+def dp_tables(runner: LayerRunner, depths: list[int], progress: bool = True) -> LayerTables:
+    """AmoebaLLM's DP: best[n][m] removes m of the last n prunable layers (the final one stays)."""
+    num = len(runner.layers)
+    prunable = num - 1
+    most = num - min(depths)
+    inf = float("inf")
+    cost = [[inf] * (most + 1) for _ in range(prunable + 1)]
+    keep = [[list(range(num))] * (most + 1) for _ in range(prunable + 1)]
+    for n in range(prunable + 1):
+        cost[n][0] = 0.0
+    bar = tqdm(
+        total=sum(min(n, most) for n in range(1, prunable + 1)),
+        desc="depth DP",
+        disable=not progress,
+    )
+    for n in range(1, prunable + 1):
+        layer = prunable - n  # decided now; every layer before it is kept
+        for m in range(1, min(n, most) + 1):
+            cand = [i for i in keep[n - 1][m - 1] if i != layer]
+            score = runner.score(cand, layer)
+            if score < cost[n - 1][m]:
+                cost[n][m], keep[n][m] = score, cand
+            else:
+                cost[n][m], keep[n][m] = cost[n - 1][m], keep[n - 1][m]
+            bar.update()
+    bar.close()
+    return {d: tuple(keep[prunable][num - d]) for d in depths}
+
+
+def block_influence_tables(runner: LayerRunner, depths: list[int]) -> LayerTables:
+    """Baseline (ShortGPT): drop the layers whose output is most like their input (1 - cos)."""
+    num = len(runner.layers)
+    influence = [
+        1 - F.cosine_similarity(runner.inputs[i], runner.inputs[i + 1], dim=-1).mean().item()
+        for i in range(num - 1)
+    ]
+    ranked = sorted(range(num - 1), key=lambda i: influence[i], reverse=True)
+    return {d: (*sorted(ranked[: d - 1]), num - 1) for d in depths}
+
+
+def greedy_tables(runner: LayerRunner, depths: list[int], progress: bool = True) -> LayerTables:
+    """Baseline: remove one layer at a time, each time the one whose removal costs least KL."""
+    num = len(runner.layers)
+    kept = list(range(num))
+    tables: LayerTables = {num: tuple(kept)} if num in depths else {}
+    for _ in tqdm(range(num - min(depths)), desc="greedy depth", disable=not progress):
+        inputs = dict(zip(kept, runner.run(runner.inputs[0], kept, keep=True), strict=False))
+        best: tuple[float, int] = (float("inf"), -1)
+        for layer in kept[:-1]:
+            cand = [i for i in kept if i != layer]
+            best = min(best, (runner.score(cand, layer, inputs[layer]), layer))
+        kept.remove(best[1])
+        if len(kept) in depths:
+            tables[len(kept)] = tuple(kept)
+    return tables

@@ -1,0 +1,145 @@
+"""Calibration on the tiny random model: packs that load, keep the full model exact, and refuse
+the wrong model; monotone rounded widths; DP layer tables; the calibrate and eval commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from elasticserve.bundle import load_bundle
+from elasticserve.calibrate.cli import register
+from elasticserve.calibrate.depth import LayerRunner, dp_tables
+from elasticserve.calibrate.importance import load_dense
+from elasticserve.calibrate.run import calibrate
+from elasticserve.calibrate.widths import check_widths
+from elasticserve.pack import Pack, PackMismatchError, channel_multiple, uniform_widths
+
+from .helpers import prefill_logits
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be "
+    "on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
+    "surrounding families, that he is considered the rightful property of some one or other of "
+    "their daughters. "
+) * 12
+WIDTHS = (1.0, 0.75, 0.5)
+DEPTHS = (6, 5, 4)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pack_dir(tiny_llama_dir: Path, text_file: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("packs") / "tiny"
+    calibrate(
+        tiny_llama_dir, [text_file], out, WIDTHS, DEPTHS, tokens=512, seq_len=64, dp_tokens=128
+    )
+    return out
+
+
+def _cli(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="elasticserve")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_pack_round_trip(pack_dir: Path, tmp_path: Path):
+    pack = Pack.load(pack_dir)
+    pack.save(tmp_path / "again")
+    again = Pack.load(tmp_path / "again")
+    assert again.layer_widths == pack.layer_widths and again.layer_tables == pack.layer_tables
+    assert again.fingerprint == pack.fingerprint and again.config == pack.config
+    for a, b in zip(
+        pack.head_order + pack.mlp_order, again.head_order + again.mlp_order, strict=True
+    ):
+        assert torch.equal(a, b)
+    assert pack.bias.keys() == again.bias.keys() and pack.bias
+    for key, (o, d) in pack.bias.items():
+        assert torch.equal(o, again.bias[key][0]) and torch.equal(d, again.bias[key][1])
+
+
+def test_full_shape_of_calibrated_pack_equals_unpermuted(pack_dir, tiny_llama_dir, tokenizer):
+    ids = tokenizer(TEXT[:300])["input_ids"]
+    plain = load_bundle(tiny_llama_dir, dtype="float32")
+    packed = load_bundle(tiny_llama_dir, pack=pack_dir, dtype="float32")
+    assert any(not torch.equal(o, torch.arange(len(o))) for o in packed.pack.mlp_order)
+    a = prefill_logits(plain, [ids], [plain.full])[0]
+    b = prefill_logits(packed, [ids], [packed.full])[0]
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_pack_for_another_model_is_refused(pack_dir, tiny_qwen2_dir):
+    with pytest.raises(PackMismatchError, match="calibrated for model"):
+        load_bundle(tiny_qwen2_dir, pack=pack_dir, dtype="float32")
+
+
+def test_widths_are_monotone_rounded_and_within_budget(pack_dir):
+    pack = Pack.load(pack_dir)
+    cfg = pack.config
+    check_widths(pack.layer_widths, cfg)  # raises if any layer grows as the ratio shrinks
+    heads, mlp = pack.layer_widths[1.0]
+    assert set(heads) == {cfg.num_heads} and set(mlp) == {cfg.intermediate_size}
+    for w in WIDTHS:
+        heads, mlp = pack.layer_widths[w]
+        assert all(m % channel_multiple(cfg) == 0 and m > 0 for m in mlp)
+        assert all(h % cfg.num_groups == 0 and h > 0 for h in heads)
+    for w in WIDTHS:  # the global ranking moves bytes between layers, never adds any
+        u_heads, u_mlp = uniform_widths(cfg, w)
+        assert sum(pack.layer_widths[w][0]) == sum(u_heads)
+        assert sum(pack.layer_widths[w][1]) == sum(u_mlp)
+
+
+def test_check_widths_rejects_growing_layer(pack_dir):
+    pack = Pack.load(pack_dir)
+    heads, mlp = pack.layer_widths[0.5]
+    bad = dict(pack.layer_widths)
+    bad[0.5] = (heads, (pack.config.intermediate_size, *mlp[1:]))
+    bad[0.75] = (pack.layer_widths[0.75][0], (channel_multiple(pack.config), *mlp[1:]))
+    with pytest.raises(ValueError, match="must not grow"):
+        check_widths(bad, pack.config)
+
+
+def test_dp_tables_keep_last_layer_and_sizes(tiny_llama_dir, tokenizer):
+    hf = load_dense(tiny_llama_dir)
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"][:64]] * 2)
+    tables = dp_tables(LayerRunner(hf, ids, 32), [6, 4, 2], progress=False)
+    assert sorted(tables) == [2, 4, 6]
+    for depth, layers in tables.items():
+        assert len(layers) == depth and layers[-1] == 5 and list(layers) == sorted(set(layers))
+
+
+def test_calibrate_cli_writes_loadable_pack(tiny_llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "pack"
+    args = _cli(
+        "calibrate", "--model", str(tiny_llama_dir), "--data", str(text_file), "--out", str(out),
+        "--widths", "1,0.5", "--depths", "6,3", "--tokens", "256", "--seq-len", "64",
+        "--dp-tokens", "64",
+    )  # fmt: skip
+    assert args.func(args) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["pack"]  # no temp dir left behind
+    bundle = load_bundle(tiny_llama_dir, pack=out, dtype="float32")
+    assert [s.name for s in bundle.specs] == ["d6-w1.0", "d6-w0.5", "d3-w1.0", "d3-w0.5"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_eval_json_prints_documented_fields(pack_dir, tiny_llama_dir, text_file, capsys):
+    args = _cli(
+        "eval", "--model", str(tiny_llama_dir), "--pack", str(pack_dir), "--data", str(text_file),
+        "--shapes", "full,d4-w0.5", "--max-tokens", "200", "--json", "--dtype", "float32",
+    )  # fmt: skip
+    assert args.func(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["shape"] for r in rows] == ["d6-w1.0", "d4-w0.5"]
+    assert set(rows[0]) == {"shape", "weight_fraction", "ppl"}
+    assert rows[0]["weight_fraction"] == 1.0 and rows[1]["weight_fraction"] < 0.6
+    assert all(r["ppl"] > 1.0 for r in rows) and rows[0]["ppl"] != rows[1]["ppl"]
