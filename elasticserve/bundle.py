@@ -18,6 +18,7 @@ from .loader import (
     resolve_model_dir,
     served_name,
 )
+from .lora import effective_weights, has_adapters, load_adapters
 from .model import ElasticModel, rope_tables, serving_weights
 from .pack import Pack, identity_pack, model_fingerprint
 from .shapes import Shape, ShapeSpec
@@ -75,11 +76,13 @@ def load_bundle(
     cache_dir: str | os.PathLike[str] | None = None,
     max_model_len: int | None = None,
     name: str | None = None,
+    lora: bool = True,
 ) -> ModelBundle:
     """Load a base model (default: the embedded SmolLM2-135M) and serve it through `pack`.
 
     pack=None uses the pack committed for the default model, else the identity pack (original
-    order, uniform widths, evenly spaced layers).
+    order, uniform widths, evenly spaced layers). `lora` applies the pack directory's fine-tuned
+    adapters, if it has any (lora=False: the calibrated shapes alone, e.g. `eval --no-lora`).
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -88,16 +91,22 @@ def load_bundle(
     state = load_state_dict(model_dir)
     fingerprint = model_fingerprint(config, state)
     name = name or served_name(model)
+    pack_dir: Path | None = None
     if pack is None:
-        path = default_pack_path(name) if model is None else None
-        pack = Pack.load(path) if path else identity_pack(config, fingerprint)
+        pack_dir = default_pack_path(name) if model is None else None
+        pack = Pack.load(pack_dir) if pack_dir else identity_pack(config, fingerprint)
     elif not isinstance(pack, Pack):
-        pack = Pack.load(pack)
+        pack_dir = Path(pack)
+        pack = Pack.load(pack_dir)
     pack.check_model(config, fingerprint)
     max_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     cos, sin = rope_tables(hf_config, max_len)
     weights = serving_weights(state, config, pack, torch_dtype, dev)
     elastic = ElasticModel(config, weights, (cos.to(dev, torch_dtype), sin.to(dev, torch_dtype)))
+    specs = pack.specs()
+    if lora and pack_dir is not None and has_adapters(pack_dir):
+        experts, _ = load_adapters(pack_dir, config, pack.widths)
+        elastic.lora = effective_weights(experts, specs, torch_dtype, dev)
     return ModelBundle(
         name=name,
         model_dir=model_dir,
@@ -105,7 +114,7 @@ def load_bundle(
         pack=pack,
         model=elastic,
         tokenizer=load_tokenizer(model_dir),
-        specs=pack.specs(),
+        specs=specs,
         max_model_len=max_len,
         biases={
             k: (o.to(dev, torch_dtype), d.to(dev, torch_dtype)) for k, (o, d) in pack.bias.items()

@@ -121,8 +121,9 @@ def _registrations() -> list[Callable[[argparse._SubParsersAction], None]]:
     from .bench.cli import register as bench
     from .calibrate.cli import register as calibrate
     from .cli_profile import register as profile
+    from .finetune_cli import register as finetune
 
-    return [_register_serve, calibrate, profile, bench]
+    return [_register_serve, calibrate, finetune, profile, bench]
 
 
 def main(argv: list[str] | None = None) -> None:

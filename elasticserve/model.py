@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .lora import LayerLora, LoraWeights, bind_layer
 from .ops import linear_in, linear_out
 from .pack import Pack
 from .step import LayerPlan, StepInput
@@ -163,6 +164,7 @@ class ElasticModel:
         # The one switch between the Triton kernels and torch ops on prefix views.
         self.use_kernels = weights.embed.is_cuda
         self.cos, self.sin = rope  # [max_pos, hd] each
+        self.lora: LoraWeights | None = None  # per-shape adapters, set by the loader
 
     @property
     def dtype(self) -> torch.dtype:
@@ -179,12 +181,16 @@ class ElasticModel:
         x = w.embed[step.input_ids]  # [T, H]
         cos_all = self.cos[step.positions].unsqueeze(1)  # [T, 1, hd]
         sin_all = self.sin[step.positions].unsqueeze(1)
-        for layer, plan in zip(w.layers, step.layers, strict=True):
+        for i, (layer, plan) in enumerate(zip(w.layers, step.layers, strict=True)):
             if plan is None:
                 continue  # no row of this step keeps this layer
             # a slice gives views (updated in place); an index tensor gathers copies
             xl, cos, sin = x[plan.rows], cos_all[plan.rows], sin_all[plan.rows]
-            self._layer(xl, layer, plan, cache, cos, sin)
+            lora = None
+            if self.lora is not None:  # kernels when the step carries their device metadata
+                kernels = plan.attn_bands.offsets is not None
+                lora = bind_layer(self.lora, i, plan.segments, kernels)
+            self._layer(xl, layer, plan, cache, cos, sin, lora)
             if isinstance(plan.rows, torch.Tensor):
                 x.index_copy_(0, plan.rows, xl)
         h = F.rms_norm(x[step.logit_rows], (cfg.hidden_size,), w.norm, cfg.rms_norm_eps)
@@ -198,25 +204,39 @@ class ElasticModel:
         cache: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        lora: LayerLora | None,
     ) -> None:
         # x [T_l, H], updated in place (a view of the step's hidden states, or a gathered copy)
         cfg = self.config
         hd, eps, n = cfg.head_dim, cfg.rms_norm_eps, x.shape[0]
         h = F.rms_norm(x, (cfg.hidden_size,), lw.attn_norm, eps)
-        q = linear_out(h, lw.q, plan.attn_bands, lw.q_bias).view(n, -1, hd)  # [T_l, m, hd]
+        q = linear_out(h, lw.q, plan.attn_bands, lw.q_bias)  # [T_l, m*hd]
+        if lora is not None:
+            lora.add("q", q, h)
+        q = q.view(n, -1, hd)  # [T_l, m, hd]
         kv = F.linear(h, lw.kv, lw.kv_bias).view(n, 2, cfg.num_kv_heads, hd)
         q = _rotate(q, cos, sin)
         kv[:, 0] = _rotate(kv[:, 0], cos, sin)
         if plan.write_slots is not None and cache is not None:
             cache.index_copy_(0, plan.write_slots, kv)
         attn = _attention(q, kv, plan, cache, cfg.num_groups)
-        x += linear_in(attn, lw.o_t, plan.attn_bands)
+        o = linear_in(attn, lw.o_t, plan.attn_bands)
+        if lora is not None:
+            lora.add("o", o, attn)
+        x += o
         for rows, o_bias, _ in plan.biases:
             x[rows] += o_bias
         h = F.rms_norm(x, (cfg.hidden_size,), lw.mlp_norm, eps)
         gate = linear_out(h, lw.gate, plan.mlp_bands)
         up = linear_out(h, lw.up, plan.mlp_bands)
-        x += linear_in(F.silu(gate) * up, lw.down_t, plan.mlp_bands)
+        if lora is not None:
+            lora.add("gate", gate, h)
+            lora.add("up", up, h)
+        act = F.silu(gate) * up
+        down = linear_in(act, lw.down_t, plan.mlp_bands)
+        if lora is not None:
+            lora.add("down", down, act)
+        x += down
         for rows, _, down_bias in plan.biases:
             x[rows] += down_bias
 

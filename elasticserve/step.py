@@ -52,6 +52,9 @@ class LayerPlan:
     attn_bands: Bands  # (local row end, q/o features) widest first
     mlp_bands: Bands  # (local row end, MLP channels)
     biases: list[tuple[slice, torch.Tensor, torch.Tensor]]  # bias compensation (rows, o, down)
+    # per chunk, in row order: (local row end, shape id, q/o features, MLP channels); plain tuples
+    # keep planning cheap, per-shape LoRA (lora.bind_layer) reads them only when adapters exist
+    segments: list[tuple[int, int, int, int]]
     write_slots: torch.Tensor | None  # [T_l] cache slot of each row's new K/V
     decode: DecodePlan | None = None
     prefills: list[PrefillPlan] = field(default_factory=list)
@@ -145,6 +148,7 @@ def _plan_layer(
         rows = torch.tensor([r for a, b in spans for r in range(a, b)], device=device)
 
     attn, mlp, plan_biases, write = [], [], [], []
+    segments: list[tuple[int, int, int, int]] = []
     dec_rows, dec_tables, dec_lens = [], [], []
     prefills: list[PrefillPlan] = []
     local = 0
@@ -153,6 +157,7 @@ def _plan_layer(
         n, spec = len(c.token_ids), c.spec
         attn.append((local + n, spec.heads[layer] * head_dim))
         mlp.append((local + n, spec.mlp[layer]))
+        segments.append((local + n, spec.id, attn[-1][1], spec.mlp[layer]))
         if (bias := biases.get((spec.shape.width, layer))) is not None:
             plan_biases.append((slice(local, local + n), *bias))
         ctx = c.num_computed + n
@@ -182,6 +187,7 @@ def _plan_layer(
         attn_bands=make_bands(attn, device if kernels else None),
         mlp_bands=make_bands(mlp, device if kernels else None),
         biases=plan_biases,
+        segments=segments,
         write_slots=torch.tensor(write, device=device) if write else None,
         decode=decode,
         prefills=prefills,

@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N tokens")
     ev.add_argument("--window", type=int, default=None, help="window (default: min(context, 512))")
     ev.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    ev.add_argument(
+        "--no-lora", action="store_true", help="the pack without its fine-tuned adapters"
+    )
     ev.set_defaults(func=run_eval)
 
 
@@ -102,7 +105,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..data import load_token_ids
     from ..evaluate import shape_report
 
-    bundle = load_bundle(_model(args.model), pack=args.pack, dtype=args.dtype)
+    bundle = load_bundle(
+        _model(args.model), pack=args.pack, dtype=args.dtype, lora=not args.no_lora
+    )
     names = [s.name for s in bundle.specs] if args.shapes == "all" else args.shapes.split(",")
     specs = [bundle.spec(n) for n in names]
     ids = load_token_ids(bundle.tokenizer, args.data, max_tokens=args.max_tokens)
