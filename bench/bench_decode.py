@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,28 +57,41 @@ def prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
     return [ids[i * length : (i + 1) * length] for i in range(batch)]
 
 
-def time_ours(llm: LLM, batch: list[list[int]], shape: str, new: int) -> float:
-    def run(n: int) -> float:
-        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        t = time.perf_counter()
-        llm.generate(batch, params, shape=shape)
-        return time.perf_counter() - t
+def decode_seconds(run: Callable[[int], object], new: int, repeats: int) -> float:
+    """Best of `repeats` (time of 1 + new tokens) - (time of 1 token): decode alone.
 
+    The minimum, because on a shared machine interference only ever adds time.
+    """
     run(2)  # warm-up
-    return run(1 + new) - run(1)
 
-
-def time_hf(hf: torch.nn.Module, batch: list[list[int]], new: int) -> float:
-    ids = torch.tensor(batch)
-
-    def run(n: int) -> float:
+    def timed(n: int) -> float:
         t = time.perf_counter()
-        with torch.inference_mode():
-            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # type: ignore[operator]
+        run(n)
         return time.perf_counter() - t
 
-    run(2)
-    return run(1 + new) - run(1)
+    return min(timed(1 + new) - timed(1) for _ in range(repeats))
+
+
+def time_ours(llm: LLM, batch: list[list[int]], shape: str, new: int, repeats: int) -> float:
+    def run(n: int) -> object:
+        return llm.generate(
+            batch, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), shape=shape
+        )
+
+    return decode_seconds(run, new, repeats)
+
+
+def time_hf(hf: torch.nn.Module, batch: list[list[int]], new: int, repeats: int) -> float:
+    ids = torch.tensor(batch)
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> object:
+        with torch.inference_mode():
+            return hf.generate(  # type: ignore[operator]
+                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False
+            )
+
+    return decode_seconds(run, new, repeats)
 
 
 def pick_shapes(llm: LLM) -> list[ShapeSpec]:
@@ -99,11 +113,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--pack", default=None)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many measurements")
     parser.add_argument("--quick", action="store_true", help="16 new tokens, batch 1, fp32")
     parser.add_argument("--out", default="bench/results/bench_decode.json")
     args = parser.parse_args()
@@ -120,10 +135,11 @@ def main() -> None:
         full_bytes = bytes_per_token(llm.bundle, shapes[0])
         for b in map(int, args.batches.split(",")):
             batch = prompts(llm.tokenizer, b, args.prompt_len)
-            hf_tps = b * args.new_tokens / time_hf(hf, batch, args.new_tokens)
+            hf_tps = b * args.new_tokens / time_hf(hf, batch, args.new_tokens, args.repeats)
             full_tps = None
             for spec in shapes:
-                tps = b * args.new_tokens / time_ours(llm, batch, spec.name, args.new_tokens)
+                seconds = time_ours(llm, batch, spec.name, args.new_tokens, args.repeats)
+                tps = b * args.new_tokens / seconds
                 full_tps = full_tps or tps
                 nbytes = bytes_per_token(llm.bundle, spec)
                 row = {
