@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 
 from elasticserve.bundle import ModelBundle, load_bundle
 from elasticserve.data import load_token_ids
+from elasticserve.device import cpu_model
 from elasticserve.evaluate import perplexity
 from elasticserve.lora import CONFIG_FILE
 
@@ -41,15 +41,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def machine(bundle: ModelBundle) -> str:
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in info.read_text().splitlines()
-            if "model name" in ln
-        ]
-        cpu = names[0] if names else cpu
+    cpu = cpu_model()
     if bundle.model.device.type == "cuda":
         cpu = torch.cuda.get_device_name(bundle.model.device)
     dtype = str(bundle.model.dtype).removeprefix("torch.")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -26,6 +25,7 @@ from elasticserve.calibrate.depth import LayerRunner, block_influence_tables, gr
 from elasticserve.calibrate.importance import activation_stats, bias_compensation, load_dense
 from elasticserve.calibrate.run import calibration_windows, dp_batch
 from elasticserve.data import load_token_ids
+from elasticserve.device import cpu_model
 from elasticserve.evaluate import perplexity
 from elasticserve.pack import Pack, identity_pack, uniform_widths
 
@@ -52,15 +52,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in info.read_text().splitlines()
-            if "model name" in ln
-        ]
-        cpu = names[0] if names else cpu
+    cpu = cpu_model()
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32"
 
 

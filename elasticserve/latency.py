@@ -15,7 +15,6 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import kv_cache
 from .bundle import ModelBundle, default_pack_path
+from .device import cpu_model
 from .engine import EngineConfig, LLMEngine
 from .policy import SLO, Policy, PolicyConfig, make_policy
 from .sampling import SamplingParams
@@ -113,16 +113,6 @@ class LatencyProfile:
 
 
 # -- keys and locations ---------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else the platform's word for it."""
-    path = Path("/proc/cpuinfo")
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def device_name(device: torch.device) -> str:
