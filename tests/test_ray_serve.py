@@ -166,7 +166,6 @@ def test_client_leaving_a_stream_aborts_it_on_the_replica(cluster: Cluster) -> N
 
 
 def test_killing_a_replica_mid_run(cluster: Cluster) -> None:
-    victim = sorted(replicas(cluster.http).values(), key=lambda r: r["replica"])[0]
     streaming = threading.Event()
 
     def one(i: int) -> tuple[str, str]:
@@ -184,12 +183,17 @@ def test_killing_a_replica_mid_run(cluster: Cluster) -> None:
         except openai.APIError as exc:
             return "error", exc.message
 
-    def victim_busy() -> bool:
-        return replicas(cluster.http).get(victim["replica"], {}).get("running", 0) > 0
+    busy: list[dict] = []  # the replica to kill: whichever one routing gave work to
+
+    def found_busy() -> bool:
+        running = [r for r in replicas(cluster.http).values() if r.get("running", 0) > 0]
+        busy[:] = sorted(running, key=lambda r: -r["running"])[:1]
+        return streaming.is_set() and bool(busy)
 
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(one, i) for i in range(6)]
-        poll(lambda: streaming.is_set() and victim_busy(), timeout=60, what="a busy victim")
+        poll(found_busy, timeout=60, what="a busy replica")
+        victim = busy[0]
         ray.kill(ray.get_actor(victim["actor"], namespace="serve"), no_restart=True)
         assert cluster.http.get("/health").status_code == 200  # the ingress stays healthy
         outcomes = [f.result(timeout=120) for f in futures]  # nothing hangs
