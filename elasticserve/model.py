@@ -26,11 +26,11 @@ class LayerWeights:
     q_bias: torch.Tensor | None  # [n_heads*hd]
     kv: torch.Tensor  # [2*kv*hd, H] k rows then v rows (never pruned)
     kv_bias: torch.Tensor | None  # [2*kv*hd]
-    o_t: torch.Tensor  # [n_heads*hd, H] o transposed, same head order as q
+    o_t: torch.Tensor  # [n_heads*hd, H] o transposed, same head order as q (see _transposed)
     mlp_norm: torch.Tensor  # [H]
     gate: torch.Tensor  # [I, H] channels in importance order
     up: torch.Tensor  # [I, H]
-    down_t: torch.Tensor  # [I, H] down transposed
+    down_t: torch.Tensor  # [I, H] down transposed (see _transposed)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in self.__dict__.values() if t is not None]
@@ -47,6 +47,19 @@ class Weights:
 def _permute_heads(w: torch.Tensor, order: torch.Tensor, head_dim: int) -> torch.Tensor:
     # w [n_heads*hd, ...] -> rows regrouped head by head in `order`
     return w.view(-1, head_dim, *w.shape[1:])[order].reshape(w.shape).contiguous()
+
+
+def _transposed(w_t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`w_t` ([K, N], the transpose of a [N, K] weight) in the memory order its matmul reads best.
+
+    Prefixes over K are row slices either way. CUDA kernels and fp32 CPU GEMV want [K, N]
+    contiguous; the CPU's bf16/fp16 GEMV streams [N, K] rows 1.4x faster (22 vs 16 GB/s for a
+    576x1536 down at batch 1, bench/bench_cpu_ops.py), so there the [K, N] tensor is a transposed
+    view of a contiguous [N, K] one and `x[:, :k] @ w_t[:k]` runs as F.linear on a strided view.
+    """
+    if device.type == "cpu" and w_t.dtype in (torch.bfloat16, torch.float16):
+        return w_t.t().contiguous().t()
+    return w_t.contiguous()
 
 
 def serving_weights(
@@ -82,11 +95,13 @@ def serving_weights(
                 )
                 if qkv_bias
                 else None,
-                o_t=_permute_heads(get(p + "self_attn.o_proj.weight").t(), heads, hd),
+                o_t=_transposed(
+                    _permute_heads(get(p + "self_attn.o_proj.weight").t(), heads, hd), device
+                ),
                 mlp_norm=get(p + "post_attention_layernorm.weight"),
                 gate=get(p + "mlp.gate_proj.weight")[chans].contiguous(),
                 up=get(p + "mlp.up_proj.weight")[chans].contiguous(),
-                down_t=get(p + "mlp.down_proj.weight").t()[chans].contiguous(),
+                down_t=_transposed(get(p + "mlp.down_proj.weight").t()[chans], device),
             )
         )
         for name in [k for k in state if k.startswith(p)]:
@@ -103,17 +118,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def _gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Cached K/V at `slots` [..., L] as one contiguous [2, ..., kv, L, hd] tensor.
+def _gather_kv(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached K/V at `slots` [..., L] as one contiguous [2, ..., kv, L, hd] tensor of `dtype`.
 
-    index_select plus one contiguous copy: advanced indexing and SDPA on strided views both take
+    index_select plus one converting copy: advanced indexing and SDPA on strided views both take
     slow paths on CPU (8 ms instead of 0.1 ms per layer at batch 1, measured).
     """
     ctx = cache.index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[1:])
     # [..., L, 2, kv, hd] -> [2, ..., kv, L, hd]
     nd = slots.dim()
     order = (nd, *range(nd - 1), nd + 1, nd - 1, nd + 2)
-    return ctx.permute(order).contiguous()
+    ctx = ctx.permute(order)
+    return torch.empty(ctx.shape, dtype=dtype, device=ctx.device).copy_(ctx)
+
+
+def _attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype attention runs in: fp32 on CPU, whose bf16/fp16 SDPA is 5-10x slower than its
+    fp32 one (bench/bench_cpu_ops.py); else the model's."""
+    return torch.float32 if device.type == "cpu" else dtype
 
 
 def _attention(
@@ -123,33 +145,34 @@ def _attention(
     # q [T, m, hd] rank-major heads ; kv [T, 2, kv, hd] new keys/values ; out [T, m*hd]
     n_rows, m, hd = q.shape
     out = q.new_empty(n_rows, m * hd)
+    dtype = _attention_dtype(q.dtype, q.device)
     if (dec := plan.decode) is not None:
         assert cache is not None
         b = dec.rows.shape[0]
         qd = q.index_select(0, dec.rows).view(b, m // groups, groups, hd)
-        qd = qd.transpose(1, 2).reshape(b, m, 1, hd)  # group-major heads for enable_gqa
-        k, v = _gather_kv(cache, dec.slots)  # [B, kv, L, hd] each
+        qd = qd.transpose(1, 2).reshape(b, m, 1, hd).to(dtype)  # group-major heads for enable_gqa
+        k, v = _gather_kv(cache, dec.slots, dtype)  # [B, kv, L, hd] each
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=dec.mask, enable_gqa=True)
         o = o.view(b, groups, m // groups, hd).transpose(1, 2).reshape(b, m * hd)
-        out.index_copy_(0, dec.rows, o)
+        out.index_copy_(0, dec.rows, o.to(out.dtype))
     for pre in plan.prefills:
         n, mh = pre.num_tokens, pre.heads
         rows = slice(pre.start, pre.start + n)
-        qs = (
-            q[rows, :mh].view(n, mh // groups, groups, hd).permute(2, 1, 0, 3).reshape(1, mh, n, hd)
-        )
+        qs = q[rows, :mh].view(n, mh // groups, groups, hd).permute(2, 1, 0, 3)
+        qs = qs.reshape(1, mh, n, hd).to(dtype)
         if pre.slots is None:  # nothing cached before this chunk: attend to the fresh keys
-            k, v = kv[rows].permute(1, 2, 0, 3).contiguous()  # [kv, n, hd] each
+            fresh = kv[rows].permute(1, 2, 0, 3)
+            k, v = torch.empty(fresh.shape, dtype=dtype, device=kv.device).copy_(fresh)
             mask, causal = None, True
         else:
             assert cache is not None
-            k, v = _gather_kv(cache, pre.slots)
+            k, v = _gather_kv(cache, pre.slots, dtype)
             mask, causal = pre.mask, False
         o = F.scaled_dot_product_attention(
             qs, k[None], v[None], attn_mask=mask, is_causal=causal, enable_gqa=True
         )
         o = o.view(groups, mh // groups, n, hd).permute(2, 1, 0, 3).reshape(n, mh * hd)
-        out[rows, : mh * hd] = o
+        out[rows, : mh * hd] = o.to(out.dtype)
     return out
 
 

@@ -1,0 +1,152 @@
+"""The CPU op choices the model makes, each measured against its alternative in the same run.
+
+1. Input-prefix linears (o, down): `x[:, :k] @ w_t[:k]` with `w_t` stored [K, N] contiguous
+   (the alternative) or as a transposed view of a contiguous [N, K] weight (what the model
+   does for bf16/fp16 on CPU: oneDNN streams whole rows of [N, K] faster).
+2. Decode attention for a bf16 model: gather the cached K/V and run SDPA in bf16 (the
+   alternative), or gather into fp32 and run SDPA in fp32 (what the model does on CPU).
+
+Weights rotate over 30 copies (one per layer of SmolLM2-135M) so no timing reads from cache.
+
+    python bench/bench_cpu_ops.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from elasticserve.device import cpu_model
+
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64  # SmolLM2-135M
+COPIES = 30
+
+
+def best_us(fn: Callable[[], object], n: int, repeats: int = 3) -> float:
+    """Best mean time of `n` calls, in microseconds, over `repeats` rounds after a warm-up."""
+    for _ in range(max(5, n // 10)):
+        fn()
+    rounds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - t) / n * 1e6)
+    return min(rounds)
+
+
+def rotating(tensors: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """A function returning the next tensor of `tensors` on each call."""
+    state = {"i": 0}
+
+    def nxt() -> torch.Tensor:
+        state["i"] = (state["i"] + 1) % len(tensors)
+        return tensors[state["i"]]
+
+    return nxt
+
+
+def prefix_matmul(x: torch.Tensor, k: int, weights: Callable[[], torch.Tensor]) -> Callable:
+    return lambda: x[:, :k] @ weights()[:k]
+
+
+def decode_attention(
+    q: torch.Tensor, caches: Callable[[], torch.Tensor], attn_dtype: torch.dtype
+) -> Callable:
+    """Gather a [B*L, 2, kv, hd] cache into `attn_dtype` K/V and run SDPA for one query each."""
+    batch = q.shape[0]
+
+    def run() -> torch.Tensor:
+        kv = caches().view(batch, -1, 2, KV_HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        k, v = torch.empty(kv.shape, dtype=attn_dtype).copy_(kv)
+        o = F.scaled_dot_product_attention(q.to(attn_dtype), k, v, enable_gqa=True)
+        return o.to(q.dtype)
+
+    return run
+
+
+def input_prefix_rows(dtype: torch.dtype) -> list[dict]:
+    rows = []
+    dense = [torch.randn(HIDDEN, INTER, dtype=dtype) for _ in range(COPIES)]  # down [N, K]
+    transposed = rotating([w.t().contiguous() for w in dense])  # [K, N] contiguous
+    views = rotating([w.t() for w in dense])  # [K, N] view of [N, K]
+    for batch in (1, 8):
+        for k in (INTER, INTER * 3 // 4, INTER // 2):
+            x = torch.randn(batch, INTER, dtype=dtype)
+            base = best_us(prefix_matmul(x, k, transposed), 500)
+            ours = best_us(prefix_matmul(x, k, views), 500)
+            gbs = HIDDEN * k * dtype.itemsize / ours / 1e3
+            rows.append(
+                {
+                    "op": "down x[:, :k] @ w_t[:k]",
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "batch": batch,
+                    "k": k,
+                    "kn_contiguous_us": round(base, 1),
+                    "nk_view_us": round(ours, 1),
+                    "nk_view_gb_s": round(gbs, 1),
+                    "speedup": round(base / ours, 2),
+                }
+            )
+    return rows
+
+
+def attention_rows() -> list[dict]:
+    rows = []
+    dtype = torch.bfloat16
+    for batch, ctx in ((1, 128), (1, 512), (8, 256), (8, 1024)):
+        q = torch.randn(batch, HEADS, 1, HEAD_DIM, dtype=dtype)
+        caches = rotating(
+            [torch.randn(batch * ctx, 2, KV_HEADS, HEAD_DIM, dtype=dtype) for _ in range(4)]
+        )
+        base = best_us(decode_attention(q, caches, torch.bfloat16), 100)
+        ours = best_us(decode_attention(q, caches, torch.float32), 100)
+        rows.append(
+            {
+                "op": "decode attention, bf16 model",
+                "batch": batch,
+                "context": ctx,
+                "bf16_sdpa_us": round(base, 1),
+                "fp32_sdpa_us": round(ours, 1),
+                "speedup": round(base / ours, 2),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default="bench/results/bench_cpu_ops.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{cpu_model()}, {args.threads} threads")
+    linears = input_prefix_rows(torch.bfloat16) + input_prefix_rows(torch.float32)
+    for r in linears:
+        print(
+            f"{r['op']} {r['dtype']:>8} B={r['batch']} k={r['k']:>4}: "
+            f"[K,N] {r['kn_contiguous_us']:6.1f} us, [N,K] view {r['nk_view_us']:6.1f} us "
+            f"({r['nk_view_gb_s']:.1f} GB/s)"
+            f"  x{r['speedup']:.2f}"
+        )
+    attention = attention_rows()
+    for r in attention:
+        print(
+            f"{r['op']} B={r['batch']} L={r['context']:>4}: bf16 SDPA {r['bf16_sdpa_us']:7.1f} us,"
+            f" fp32 SDPA {r['fp32_sdpa_us']:6.1f} us  x{r['speedup']:.2f}"
+        )
+    meta = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__}
+    out = {"meta": meta, "input_prefix": linears, "attention": attention}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
