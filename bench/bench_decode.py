@@ -57,31 +57,37 @@ def prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
     return [ids[i * length : (i + 1) * length] for i in range(batch)]
 
 
-def decode_seconds(run: Callable[[int], object], new: int, repeats: int) -> float:
-    """Best of `repeats` (time of 1 + new tokens) - (time of 1 token): decode alone.
+def decode_seconds(runs: dict[str, Callable[[int], object]], new: int, repeats: int) -> dict:
+    """Per run, the best of `repeats` (time of 1 + new tokens) - (time of 1 token): decode alone.
 
-    The minimum, because on a shared machine interference only ever adds time.
+    The rounds interleave the runs, so a slow spell of a shared machine hits them all alike, and
+    the minimum is kept, because interference only ever adds time.
     """
-    run(2)  # warm-up
 
-    def timed(n: int) -> float:
+    def timed(run: Callable[[int], object], n: int) -> float:
         t = time.perf_counter()
         run(n)
         return time.perf_counter() - t
 
-    return min(timed(1 + new) - timed(1) for _ in range(repeats))
+    for run in runs.values():
+        run(2)  # warm-up
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, run in runs.items():
+            best[name] = min(best[name], timed(run, 1 + new) - timed(run, 1))
+    return best
 
 
-def time_ours(llm: LLM, batch: list[list[int]], shape: str, new: int, repeats: int) -> float:
+def ours(llm: LLM, batch: list[list[int]], shape: str) -> Callable[[int], object]:
     def run(n: int) -> object:
         return llm.generate(
             batch, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), shape=shape
         )
 
-    return decode_seconds(run, new, repeats)
+    return run
 
 
-def time_hf(hf: torch.nn.Module, batch: list[list[int]], new: int, repeats: int) -> float:
+def hf_generate(hf: torch.nn.Module, batch: list[list[int]]) -> Callable[[int], object]:
     ids = torch.tensor(batch)
     mask = torch.ones_like(ids)
 
@@ -91,7 +97,7 @@ def time_hf(hf: torch.nn.Module, batch: list[list[int]], new: int, repeats: int)
                 ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False
             )
 
-    return decode_seconds(run, new, repeats)
+    return run
 
 
 def pick_shapes(llm: LLM) -> list[ShapeSpec]:
@@ -135,12 +141,13 @@ def main() -> None:
         full_bytes = bytes_per_token(llm.bundle, shapes[0])
         for b in map(int, args.batches.split(",")):
             batch = prompts(llm.tokenizer, b, args.prompt_len)
-            hf_tps = b * args.new_tokens / time_hf(hf, batch, args.new_tokens, args.repeats)
-            full_tps = None
+            runs = {"HF": hf_generate(hf, batch)}
+            runs.update({spec.name: ours(llm, batch, spec.name) for spec in shapes})
+            seconds = decode_seconds(runs, args.new_tokens, args.repeats)
+            hf_tps = b * args.new_tokens / seconds["HF"]
+            full_tps = b * args.new_tokens / seconds[shapes[0].name]
             for spec in shapes:
-                seconds = time_ours(llm, batch, spec.name, args.new_tokens, args.repeats)
-                tps = b * args.new_tokens / seconds
-                full_tps = full_tps or tps
+                tps = b * args.new_tokens / seconds[spec.name]
                 nbytes = bytes_per_token(llm.bundle, spec)
                 row = {
                     "dtype": dtype,

@@ -2,7 +2,9 @@
 
 64 requests (128-token prompts cut from the corpus, 128 new tokens each, EOS ignored):
 - elasticserve at the full shape (all requests submitted at once) vs HF `generate` in batches of 8,
-  same weights, dtype and threads, in the same run: output tokens/s and their ratio;
+  same weights, dtype and threads, in the same run: output tokens/s and their ratio. HF runs
+  twice, with its default attention (SDPA) and with its eager attention (CPU bf16 SDPA is slow,
+  bench/bench_cpu_ops.py), and both ratios are reported;
 - the same requests split evenly over 4 shapes vs all of them at the widest of those 4 shapes:
   time ratio (a mixed step should cost what its widest rows cost, DESIGN.md).
 
@@ -44,14 +46,25 @@ def run_ours(llm: LLM, prompts: list[list[int]], shapes: list[str], new: int) ->
 
 
 def run_hf(
-    model_dir: Path, dtype: torch.dtype, prompts: list[list[int]], new: int, batch: int
+    model_dir: Path,
+    dtype: torch.dtype,
+    prompts: list[list[int]],
+    new: int,
+    batch: int,
+    attention: str,
 ) -> float:
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
     t = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(prompts), batch):
             ids = torch.tensor(prompts[i : i + batch])
-            hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)  # type: ignore[operator]
+            hf.generate(  # type: ignore[operator]
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+            )
     return time.perf_counter() - t
 
 
@@ -83,7 +96,9 @@ def main() -> None:
         if widest == llm.bundle.full.name
         else run_ours(llm, prompts, [widest] * args.requests, args.new_tokens)
     )
-    t_hf = run_hf(llm.model_dir, llm.bundle.model.dtype, prompts, args.new_tokens, args.hf_batch)
+    hf_args = (llm.model_dir, llm.bundle.model.dtype, prompts, args.new_tokens, args.hf_batch)
+    t_hf = run_hf(*hf_args, attention="sdpa")
+    t_hf_eager = run_hf(*hf_args, attention="eager")
 
     result = {
         "dtype": str(llm.bundle.model.dtype).removeprefix("torch."),
@@ -94,6 +109,8 @@ def main() -> None:
         "ours_full_tok_s": round(tokens / t_full, 2),
         "hf_tok_s": round(tokens / t_hf, 2),
         "ours_vs_hf": round(t_hf / t_full, 3),
+        "hf_eager_tok_s": round(tokens / t_hf_eager, 2),
+        "ours_vs_hf_eager": round(t_hf_eager / t_full, 3),
         "mixed_shapes": MIXED,
         "widest": widest,
         "mixed_tok_s": round(tokens / t_mixed, 2),
@@ -105,6 +122,8 @@ def main() -> None:
         f"  elasticserve full shape  {result['ours_full_tok_s']:8.1f} tok/s\n"
         f"  HF generate, batch {args.hf_batch:<3}  {result['hf_tok_s']:8.1f} tok/s\n"
         f"  ratio                    {result['ours_vs_hf']:8.2f}x\n"
+        f"  HF, eager attention      {result['hf_eager_tok_s']:8.1f} tok/s\n"
+        f"  ratio                    {result['ours_vs_hf_eager']:8.2f}x\n"
         f"  mixed {'/'.join(MIXED)}  {result['mixed_tok_s']:8.1f} tok/s, "
         f"time {result['mixed_vs_widest_time']:.2f}x the same batch at {widest}"
     )

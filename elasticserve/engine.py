@@ -342,6 +342,7 @@ class LLMEngine:
             chunks,
             cfg.num_layers,
             cfg.head_dim,
+            2 * cfg.kv_size,
             self.config.block_size,
             self.bundle.biases,
             self.bundle.model.device,

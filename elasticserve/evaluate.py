@@ -32,7 +32,15 @@ def _window_nll(bundle: ModelBundle, spec: ShapeSpec, batch: list[list[int]]) ->
     """Summed next-token negative log-likelihood of a batch of windows."""
     cfg = bundle.config
     chunks = [SeqChunk(spec, w, logits="all") for w in batch]
-    step = build_step(chunks, cfg.num_layers, cfg.head_dim, 16, bundle.biases, bundle.model.device)
+    step = build_step(
+        chunks,
+        cfg.num_layers,
+        cfg.head_dim,
+        2 * cfg.kv_size,
+        16,
+        bundle.biases,
+        bundle.model.device,
+    )
     logits = bundle.model.forward(step)  # [sum of window lengths, V] fp32
     total = 0.0
     for w, rows in zip(batch, step.logit_slices, strict=True):

@@ -67,7 +67,7 @@ def _layer_tensors(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(HF weights, peft LoRA weights) of one kept layer, names relative to the layer."""
     cfg = bundle.config
-    hd, kv = cfg.head_dim, cfg.kv_size
+    hd = cfg.head_dim
     heads_p, mlp_p = padded
     rows = _head_rows(spec.heads[layer], heads_p, cfg.num_groups, hd)
     chans = (torch.arange(spec.mlp[layer]), torch.arange(spec.mlp[layer]))
@@ -75,16 +75,18 @@ def _layer_tensors(
         "input_layernorm.weight": lw.attn_norm,
         "post_attention_layernorm.weight": lw.mlp_norm,
         "self_attn.q_proj.weight": _scatter(lw.q, rows, heads_p * hd),
-        "self_attn.k_proj.weight": lw.kv[:kv],
-        "self_attn.v_proj.weight": lw.kv[kv:],
+        "self_attn.k_proj.weight": lw.k,
+        "self_attn.v_proj.weight": lw.v,
         "self_attn.o_proj.weight": _scatter(lw.o_t, rows, heads_p * hd).T,
         "mlp.gate_proj.weight": _scatter(lw.gate, chans, mlp_p),
         "mlp.up_proj.weight": _scatter(lw.up, chans, mlp_p),
         "mlp.down_proj.weight": _scatter(lw.down_t, chans, mlp_p).T,
     }
-    if lw.q_bias is not None and lw.kv_bias is not None:
-        w["self_attn.q_proj.bias"] = _scatter(lw.q_bias, rows, heads_p * hd)
-        w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"] = lw.kv_bias[:kv], lw.kv_bias[kv:]
+    if lw.qkv_bias is not None:
+        kv = lw.kv_rows
+        v_bias, k_bias, q_bias = lw.qkv_bias.split([kv, kv, lw.qkv_bias.shape[0] - 2 * kv])
+        w["self_attn.q_proj.bias"] = _scatter(q_bias, rows, heads_p * hd)
+        w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"] = k_bias, v_bias
     if (bias := bundle.biases.get((spec.shape.width, layer))) is not None:
         w["self_attn.o_proj.bias"], w["mlp.down_proj.bias"] = bias
     lora: dict[str, Tensor] = {}

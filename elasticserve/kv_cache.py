@@ -33,6 +33,6 @@ def allocate(
     config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """The pool, addressed by slot = block * block_size + offset."""
-    # [num_blocks * block_size, 2 (k, v), kv_heads, head_dim]
+    # [num_blocks * block_size, 2 (v, k: the order the fused projection makes them), kv, hd]
     shape = (num_blocks * block_size, 2, config.num_kv_heads, config.head_dim)
     return torch.zeros(shape, dtype=dtype, device=device)

@@ -22,18 +22,39 @@ from .step import LayerPlan, StepInput
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [H]
-    q: torch.Tensor  # [n_heads*hd, H] rank-major heads
-    q_bias: torch.Tensor | None  # [n_heads*hd]
-    kv: torch.Tensor  # [2*kv*hd, H] k rows then v rows (never pruned)
-    kv_bias: torch.Tensor | None  # [2*kv*hd]
+    # [2*kv*hd + n_heads*hd, H]: v rows, k rows, then q rows with heads rank-major. A q width is
+    # a row prefix, one GEMM computes all three, and keys and queries, adjacent, take one rotary
+    # pass; the cache stores the (v, k) rows as they come out.
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None  # [2*kv*hd + n_heads*hd]
+    kv_rows: int  # rows of v (= rows of k): kv heads * head_dim, never pruned
     o_t: torch.Tensor  # [n_heads*hd, H] o transposed, same head order as q (see _transposed)
     mlp_norm: torch.Tensor  # [H]
     gate: torch.Tensor  # [I, H] channels in importance order
     up: torch.Tensor  # [I, H]
     down_t: torch.Tensor  # [I, H] down transposed (see _transposed)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in self.__dict__.values() if t is not None]
+    @property
+    def q(self) -> torch.Tensor:
+        return self.qkv[2 * self.kv_rows :]
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.qkv[self.kv_rows : 2 * self.kv_rows]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.qkv[: self.kv_rows]
+
+    def bias(self, part: str) -> torch.Tensor | None:
+        """The "q", "k", "v" or "vk" slice of the fused bias (None without one)."""
+        if self.qkv_bias is None:
+            return None
+        kv = self.kv_rows
+        start, stop = {"v": (0, kv), "k": (kv, 2 * kv), "vk": (0, 2 * kv), "q": (2 * kv, None)}[
+            part
+        ]
+        return self.qkv_bias[start:stop]
 
 
 @dataclass
@@ -79,22 +100,17 @@ def serving_weights(
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         heads, chans = pack.head_order[i].to(device), pack.mlp_order[i].to(device)
-        qkv_bias = config.qkv_bias
+        v, k, q = (get(p + f"self_attn.{x}_proj.weight") for x in "vkq")
+        bias = None
+        if config.qkv_bias:
+            vb, kb, qb = (get(p + f"self_attn.{x}_proj.bias") for x in "vkq")
+            bias = torch.cat([vb, kb, _permute_heads(qb, heads, hd)])
         layers.append(
             LayerWeights(
                 attn_norm=get(p + "input_layernorm.weight"),
-                q=_permute_heads(get(p + "self_attn.q_proj.weight"), heads, hd),
-                q_bias=_permute_heads(get(p + "self_attn.q_proj.bias"), heads, hd)
-                if qkv_bias
-                else None,
-                kv=torch.cat(
-                    [get(p + "self_attn.k_proj.weight"), get(p + "self_attn.v_proj.weight")]
-                ),
-                kv_bias=torch.cat(
-                    [get(p + "self_attn.k_proj.bias"), get(p + "self_attn.v_proj.bias")]
-                )
-                if qkv_bias
-                else None,
+                qkv=torch.cat([v, k, _permute_heads(q, heads, hd)]),
+                qkv_bias=bias,
+                kv_rows=config.kv_size,
                 o_t=_transposed(
                     _permute_heads(get(p + "self_attn.o_proj.weight").t(), heads, hd), device
                 ),
@@ -119,7 +135,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _gather_kv(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cached K/V at `slots` [..., L] as one contiguous [2, ..., kv, L, hd] tensor of `dtype`.
+    """Cached V/K at `slots` [..., L] as one contiguous [2, ..., kv, L, hd] tensor of `dtype`.
 
     index_select plus one converting copy: advanced indexing and SDPA on strided views both take
     slow paths on CPU (8 ms instead of 0.1 ms per layer at batch 1, measured).
@@ -139,10 +155,10 @@ def _attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def _attention(
-    q: torch.Tensor, kv: torch.Tensor, plan: LayerPlan, cache: torch.Tensor | None, groups: int
+    q: torch.Tensor, vk: torch.Tensor, plan: LayerPlan, cache: torch.Tensor | None, groups: int
 ) -> torch.Tensor:
     """Causal attention of every row over its own sequence's cached and new keys."""
-    # q [T, m, hd] rank-major heads ; kv [T, 2, kv, hd] new keys/values ; out [T, m*hd]
+    # q [T, m, hd] rank-major heads ; vk [T, 2, kv, hd] new values/keys ; out [T, m*hd]
     n_rows, m, hd = q.shape
     out = q.new_empty(n_rows, m * hd)
     dtype = _attention_dtype(q.dtype, q.device)
@@ -151,7 +167,7 @@ def _attention(
         b = dec.rows.shape[0]
         qd = q.index_select(0, dec.rows).view(b, m // groups, groups, hd)
         qd = qd.transpose(1, 2).reshape(b, m, 1, hd).to(dtype)  # group-major heads for enable_gqa
-        k, v = _gather_kv(cache, dec.slots, dtype)  # [B, kv, L, hd] each
+        v, k = _gather_kv(cache, dec.slots, dtype)  # [B, kv, L, hd] each
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=dec.mask, enable_gqa=True)
         o = o.view(b, groups, m // groups, hd).transpose(1, 2).reshape(b, m * hd)
         out.index_copy_(0, dec.rows, o.to(out.dtype))
@@ -161,12 +177,12 @@ def _attention(
         qs = q[rows, :mh].view(n, mh // groups, groups, hd).permute(2, 1, 0, 3)
         qs = qs.reshape(1, mh, n, hd).to(dtype)
         if pre.slots is None:  # nothing cached before this chunk: attend to the fresh keys
-            fresh = kv[rows].permute(1, 2, 0, 3)
-            k, v = torch.empty(fresh.shape, dtype=dtype, device=kv.device).copy_(fresh)
+            fresh = vk[rows].permute(1, 2, 0, 3)
+            v, k = torch.empty(fresh.shape, dtype=dtype, device=vk.device).copy_(fresh)
             mask, causal = None, True
         else:
             assert cache is not None
-            k, v = _gather_kv(cache, pre.slots, dtype)
+            v, k = _gather_kv(cache, pre.slots, dtype)
             mask, causal = pre.mask, False
         o = F.scaled_dot_product_attention(
             qs, k[None], v[None], attn_mask=mask, is_causal=causal, enable_gqa=True
@@ -233,16 +249,17 @@ class ElasticModel:
         cfg = self.config
         hd, eps, n = cfg.head_dim, cfg.rms_norm_eps, x.shape[0]
         h = F.rms_norm(x, (cfg.hidden_size,), lw.attn_norm, eps)
-        q = linear_out(h, lw.q, plan.attn_bands, lw.q_bias)  # [T_l, m*hd]
+        vkq = linear_out(h, lw.qkv, plan.qkv_bands, lw.qkv_bias)  # [T_l, 2*kv*hd + m*hd]
+        kv_rows = lw.kv_rows
         if lora is not None:
-            lora.add("q", q, h)
-        q = q.view(n, -1, hd)  # [T_l, m, hd]
-        kv = F.linear(h, lw.kv, lw.kv_bias).view(n, 2, cfg.num_kv_heads, hd)
-        q = _rotate(q, cos, sin)
-        kv[:, 0] = _rotate(kv[:, 0], cos, sin)
+            lora.add("q", vkq[:, 2 * kv_rows :], h)
+        kq = vkq[:, kv_rows:].view(n, -1, hd)  # keys then queries: one rotary pass
+        kq.copy_(_rotate(kq, cos, sin))
+        vk = vkq[:, : 2 * kv_rows].view(n, 2, cfg.num_kv_heads, hd)  # the cache's layout
         if plan.write_slots is not None and cache is not None:
-            cache.index_copy_(0, plan.write_slots, kv)
-        attn = _attention(q, kv, plan, cache, cfg.num_groups)
+            cache.index_copy_(0, plan.write_slots, vk)
+        q = vkq[:, 2 * kv_rows :].view(n, -1, hd)  # [T_l, m, hd]
+        attn = _attention(q, vk, plan, cache, cfg.num_groups)
         o = linear_in(attn, lw.o_t, plan.attn_bands)
         if lora is not None:
             lora.add("o", o, attn)

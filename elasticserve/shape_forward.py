@@ -80,12 +80,12 @@ def _layer(
     hd, groups, eps = cfg.head_dim, cfg.num_groups, cfg.rms_norm_eps
     heads, mlp = widths
     h = F.rms_norm(x, (cfg.hidden_size,), lw.attn_norm, eps)
-    q = _out(h, lw.q, heads * hd, lw.q_bias, lo.get("q")).view(b, s, heads, hd)
-    kv = F.linear(h, lw.kv, lw.kv_bias).view(b, s, 2, cfg.num_kv_heads, hd)
-    q, k = _rotate(q, *rope), _rotate(kv[:, :, 0], *rope)
+    q = _out(h, lw.q, heads * hd, lw.bias("q"), lo.get("q")).view(b, s, heads, hd)
+    vk = F.linear(h, lw.qkv[: 2 * lw.kv_rows], lw.bias("vk")).view(b, s, 2, cfg.num_kv_heads, hd)
+    q, k = _rotate(q, *rope), _rotate(vk[:, :, 1], *rope)
     # rank-major slot r*G + g -> group-major head g*(m/G) + r, the order enable_gqa expects
     qg = q.view(b, s, heads // groups, groups, hd).permute(0, 3, 2, 1, 4).reshape(b, heads, s, hd)
-    kt, vt = k.transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [B, kv, S, hd]
+    kt, vt = k.transpose(1, 2), vk[:, :, 0].transpose(1, 2)  # [B, kv, S, hd]
     o = F.scaled_dot_product_attention(qg, kt, vt, is_causal=True, enable_gqa=True)
     o = o.view(b, groups, heads // groups, s, hd).permute(0, 3, 2, 1, 4).reshape(b, s, heads * hd)
     x = x + _in(o, lw.o_t, heads * hd, lo.get("o"))

@@ -50,6 +50,7 @@ class PrefillPlan:
 class LayerPlan:
     rows: slice | torch.Tensor  # rows of the step that run this layer
     attn_bands: Bands  # (local row end, q/o features) widest first
+    qkv_bands: Bands  # the same rows, (local row end, v + k + q rows of the fused projection)
     mlp_bands: Bands  # (local row end, MLP channels)
     biases: list[tuple[slice, torch.Tensor, torch.Tensor]]  # bias compensation (rows, o, down)
     # per chunk, in row order: (local row end, shape id, q/o features, MLP channels); plain tuples
@@ -77,6 +78,7 @@ def build_step(
     chunks: list[SeqChunk],
     num_layers: int,
     head_dim: int,
+    kv_width: int,
     block_size: int,
     biases: BiasTable | None = None,
     device: torch.device | str = "cpu",
@@ -84,6 +86,7 @@ def build_step(
 ) -> StepInput:
     """Sort chunks into width segments and plan every layer of one forward step.
 
+    `kv_width` is the rows of v and k ahead of q in the fused projection (2 * kv heads * head_dim);
     `kernels` puts each layer's segment metadata on `device` for the Triton kernels.
     """
     biases = biases or {}
@@ -100,12 +103,23 @@ def build_step(
         ids += c.token_ids
         positions += range(c.num_computed, c.num_computed + len(c.token_ids))
 
+    decoding = _DecodeSlots.build(sorted_chunks, num_layers, block_size, device)
     plans: list[LayerPlan | None] = []
     for layer in range(num_layers):
         active = [j for j, c in enumerate(sorted_chunks) if c.spec.kept[layer]]
         plans.append(
             _plan_layer(
-                layer, active, sorted_chunks, starts, head_dim, block_size, biases, device, kernels
+                layer,
+                active,
+                sorted_chunks,
+                starts,
+                head_dim,
+                kv_width,
+                block_size,
+                biases,
+                decoding,
+                device,
+                kernels,
             )
             if active
             else None
@@ -127,14 +141,84 @@ def build_step(
     return StepInput(tensor(ids), tensor(positions), plans, tensor(logit_rows), logit_slices)
 
 
+def _is_decode(c: SeqChunk) -> bool:
+    return len(c.token_ids) == 1 and c.num_computed > 0 and c.block_table is not None
+
+
+@dataclass
+class _DecodeSlots:
+    """Cache slots of every decoding chunk in every layer, computed in one go for the step.
+
+    Per layer, a plan then takes views of these (the same rows, the same padded length and
+    mask in every layer a chunk keeps) instead of rebuilding its tensors from lists.
+    """
+
+    index: dict[int, int]  # sorted chunk -> its row in the tensors below
+    slots: torch.Tensor  # [D, num_layers, L] context slots, padded (0 where a layer is not kept)
+    written: torch.Tensor  # [D, num_layers] the slot of each chunk's new token
+    lens: list[int]  # [D] context lengths
+    mask: torch.Tensor | None  # [D, 1, 1, L] True where the slot is in context; None: all equal
+    rows: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)  # made once a step
+
+    @classmethod
+    def build(
+        cls, chunks: list[SeqChunk], num_layers: int, block_size: int, device: torch.device | str
+    ) -> _DecodeSlots | None:
+        decoding = [j for j, c in enumerate(chunks) if _is_decode(c)]
+        if not decoding:
+            return None
+        lens = [chunks[j].num_computed + 1 for j in decoding]
+        longest = max(lens)
+        width = -(-longest // block_size)
+        blocks = []
+        for j in decoding:
+            c = chunks[j]
+            assert c.block_table is not None
+            tables = dict(zip(c.spec.layers, c.block_table, strict=True))
+            blocks.append([(tables.get(i, []) + [0] * width)[:width] for i in range(num_layers)])
+        offsets = torch.arange(block_size, device=device)
+        table = torch.tensor(blocks, device=device)  # [D, num_layers, width]
+        slots = (table[..., None] * block_size + offsets).flatten(2)[..., :longest]
+        last = torch.tensor(lens, device=device) - 1
+        written = slots.gather(2, last[:, None, None].expand(-1, num_layers, 1))[..., 0]
+        mask = None
+        if min(lens) < longest:  # SDPA is faster without a mask: pad only when lengths differ
+            valid = torch.arange(longest, device=device)[None, :] <= last[:, None]
+            mask = valid[:, None, None, :]
+        return cls({j: d for d, j in enumerate(decoding)}, slots, written, lens, mask)
+
+    def plan(
+        self, layer: int, rows: list[int], ds: list[int], device: torch.device | str
+    ) -> DecodePlan:
+        """The decode plan of the chunks `ds` (in order) at local `rows` of `layer`."""
+        if ds == list(range(ds[0], ds[-1] + 1)):  # a run of chunks: views
+            pick: slice | torch.Tensor = slice(ds[0], ds[-1] + 1)
+        else:
+            pick = torch.tensor(ds, device=device)
+        slots = self.slots[pick, layer]
+        mask = None if self.mask is None else self.mask[pick]
+        longest = max(self.lens[d] for d in ds)
+        if longest < slots.shape[-1]:
+            slots = slots[:, :longest]
+            mask = None if mask is None else mask[..., :longest]
+        if mask is not None and min(self.lens[d] for d in ds) == longest:
+            mask = None
+        key = tuple(rows)
+        if key not in self.rows:  # most layers decode the same rows
+            self.rows[key] = torch.tensor(rows, device=device)
+        return DecodePlan(self.rows[key], slots, mask)
+
+
 def _plan_layer(
     layer: int,
     active: list[int],
     chunks: list[SeqChunk],
     starts: list[int],
     head_dim: int,
+    kv_width: int,
     block_size: int,
     biases: BiasTable,
+    decoding: _DecodeSlots | None,
     device: torch.device | str,
     kernels: bool,
 ) -> LayerPlan:
@@ -147,9 +231,11 @@ def _plan_layer(
     else:
         rows = torch.tensor([r for a, b in spans for r in range(a, b)], device=device)
 
-    attn, mlp, plan_biases, write = [], [], [], []
+    attn, mlp, plan_biases = [], [], []
+    # new K/V slots in row order: lists of ints (prefill) and runs of decoding chunks (d0, d1)
+    write: list[list[int] | tuple[int, int]] = []
     segments: list[tuple[int, int, int, int]] = []
-    dec_rows, dec_tables, dec_lens = [], [], []
+    dec_rows, dec_ds = [], []
     prefills: list[PrefillPlan] = []
     local = 0
     for j in active:
@@ -165,14 +251,18 @@ def _plan_layer(
             if c.num_computed:
                 raise ValueError("a chunk with cached tokens needs a block table")
             prefills.append(PrefillPlan(local, n, spec.heads[layer], None, None))
+        elif decoding is not None and j in decoding.index:
+            d = decoding.index[j]
+            dec_rows.append(local)
+            dec_ds.append(d)
+            if write and isinstance(run := write[-1], tuple) and run[1] == d:
+                write[-1] = (run[0], d + 1)
+            else:
+                write.append((d, d + 1))
         else:
             table = c.block_table[spec.layers.index(layer)]
-            write += _slots(table, c.num_computed, ctx, block_size)
-            if n == 1 and c.num_computed:
-                dec_rows.append(local)
-                dec_tables.append(table[: -(-ctx // block_size)])
-                dec_lens.append(ctx)
-            elif c.num_computed == 0:
+            write.append(_slots(table, c.num_computed, ctx, block_size))
+            if c.num_computed == 0:
                 prefills.append(PrefillPlan(local, n, spec.heads[layer], None, None))
             else:
                 slots = torch.tensor(_slots(table, 0, ctx, block_size), device=device)
@@ -181,37 +271,24 @@ def _plan_layer(
                 prefills.append(PrefillPlan(local, n, spec.heads[layer], slots, mask))
         local += n
 
-    decode = _decode_plan(dec_rows, dec_tables, dec_lens, block_size, device) if dec_rows else None
+    decode = None
+    if dec_rows:
+        assert decoding is not None
+        decode = decoding.plan(layer, dec_rows, dec_ds, device)
+    pieces = [
+        decoding.written[piece[0] : piece[1], layer]
+        if isinstance(piece, tuple) and decoding is not None
+        else torch.tensor(piece, device=device)
+        for piece in write
+    ]
     return LayerPlan(
         rows=rows,
         attn_bands=make_bands(attn, device if kernels else None),
+        qkv_bands=make_bands([(r, kv_width + w) for r, w in attn], device if kernels else None),
         mlp_bands=make_bands(mlp, device if kernels else None),
         biases=plan_biases,
         segments=segments,
-        write_slots=torch.tensor(write, device=device) if write else None,
+        write_slots=(pieces[0] if len(pieces) == 1 else torch.cat(pieces)) if pieces else None,
         decode=decode,
         prefills=prefills,
     )
-
-
-def _decode_plan(
-    rows: list[int],
-    tables: list[list[int]],
-    lens: list[int],
-    block_size: int,
-    device: torch.device | str,
-) -> DecodePlan:
-    """Slots of every decoding row's context, padded to the longest, with a mask if they differ."""
-    width = max(len(t) for t in tables)
-    blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
-    longest = max(lens)
-    offsets = torch.arange(block_size, device=device)
-    slots = (blocks[:, :, None] * block_size + offsets).flatten(1)[:, :longest]  # [B, L]
-    mask = None
-    if min(lens) < longest:  # SDPA is faster without a mask: pad only when lengths differ
-        valid = (
-            torch.arange(longest, device=device)[None, :]
-            < torch.tensor(lens, device=device)[:, None]
-        )
-        mask = valid[:, None, None, :]  # [B, 1, 1, L]
-    return DecodePlan(torch.tensor(rows, device=device), slots, mask)

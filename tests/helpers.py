@@ -110,6 +110,8 @@ def prefill_logits(
     """All-position logits of several sequences run together in one cache-less step."""
     chunks = [SeqChunk(s, p, logits="all") for p, s in zip(prompts, specs, strict=True)]
     cfg = bundle.config
-    step = build_step(chunks, cfg.num_layers, cfg.head_dim, 16, bundle.biases, kernels=kernels)
+    step = build_step(
+        chunks, cfg.num_layers, cfg.head_dim, 2 * cfg.kv_size, 16, bundle.biases, kernels=kernels
+    )
     logits = bundle.model.forward(step)
     return [logits[sl] for sl in step.logit_slices]
