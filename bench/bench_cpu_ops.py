@@ -3,7 +3,9 @@
 1. Input-prefix linears (o, down): `x[:, :k] @ w_t[:k]` with `w_t` stored [K, N] contiguous
    (the alternative) or as a transposed view of a contiguous [N, K] weight (what the model
    does for bf16/fp16 on CPU: oneDNN streams whole rows of [N, K] faster).
-2. Decode attention for a bf16 model: gather the cached K/V and run SDPA in bf16 (the
+2. Output-prefix linears (q, gate, up) in fp32: `F.linear(x, w[:n])` on [N, K] rows (what the
+   model does) against `x @ w_t[:, :n]` on a [K, N] copy (faster at batch 1, slower at 8).
+3. Decode attention for a bf16 model: gather the cached K/V and run SDPA in bf16 (the
    alternative), or gather into fp32 and run SDPA in fp32 (what the model does on CPU).
 
 Weights rotate over 30 copies (one per layer of SmolLM2-135M) so no timing reads from cache.
@@ -56,6 +58,14 @@ def prefix_matmul(x: torch.Tensor, k: int, weights: Callable[[], torch.Tensor]) 
     return lambda: x[:, :k] @ weights()[:k]
 
 
+def row_prefix_linear(x: torch.Tensor, n: int, weights: Callable[[], torch.Tensor]) -> Callable:
+    return lambda: F.linear(x, weights()[:n])
+
+
+def column_prefix_matmul(x: torch.Tensor, n: int, weights: Callable[[], torch.Tensor]) -> Callable:
+    return lambda: x @ weights()[:, :n]
+
+
 def decode_attention(
     q: torch.Tensor, caches: Callable[[], torch.Tensor], attn_dtype: torch.dtype
 ) -> Callable:
@@ -92,6 +102,30 @@ def input_prefix_rows(dtype: torch.dtype) -> list[dict]:
                     "nk_view_us": round(ours, 1),
                     "nk_view_gb_s": round(gbs, 1),
                     "speedup": round(base / ours, 2),
+                }
+            )
+    return rows
+
+
+def output_prefix_rows(dtype: torch.dtype) -> list[dict]:
+    rows = []
+    dense = [torch.randn(INTER, HIDDEN, dtype=dtype) for _ in range(COPIES)]  # gate [N, K]
+    nk = rotating(dense)
+    kn = rotating([w.t().contiguous() for w in dense])  # [K, N]
+    for batch in (1, 8):
+        for n in (INTER, INTER * 3 // 4, INTER // 2):
+            x = torch.randn(batch, HIDDEN, dtype=dtype)
+            ours = best_us(row_prefix_linear(x, n, nk), 500)
+            alt = best_us(column_prefix_matmul(x, n, kn), 500)
+            rows.append(
+                {
+                    "op": "gate F.linear(x, w[:n])",
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "batch": batch,
+                    "n": n,
+                    "nk_rows_us": round(ours, 1),
+                    "kn_columns_us": round(alt, 1),
+                    "speedup": round(alt / ours, 2),
                 }
             )
     return rows
@@ -135,6 +169,13 @@ def main() -> None:
             f"({r['nk_view_gb_s']:.1f} GB/s)"
             f"  x{r['speedup']:.2f}"
         )
+    outputs = output_prefix_rows(torch.float32)
+    for r in outputs:
+        print(
+            f"{r['op']} {r['dtype']:>8} B={r['batch']} n={r['n']:>4}: "
+            f"[N,K] rows {r['nk_rows_us']:6.1f} us, [K,N] columns {r['kn_columns_us']:6.1f} us"
+            f"  x{r['speedup']:.2f}"
+        )
     attention = attention_rows()
     for r in attention:
         print(
@@ -142,7 +183,7 @@ def main() -> None:
             f" fp32 SDPA {r['fp32_sdpa_us']:6.1f} us  x{r['speedup']:.2f}"
         )
     meta = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__}
-    out = {"meta": meta, "input_prefix": linears, "attention": attention}
+    out = {"meta": meta, "input_prefix": linears, "output_prefix": outputs, "attention": attention}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

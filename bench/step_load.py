@@ -15,8 +15,6 @@ import argparse
 import asyncio
 import json
 import math
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,51 +23,17 @@ import httpx
 import numpy as np
 
 from elasticserve.bench.datasets import prompt_bodies, with_unique_prefixes
+from elasticserve.bench.local import free_port, probe_capacity, running_server
 from elasticserve.bench.serve import BenchConfig, RequestResult, send_request
 
 OUT = Path("bench/results")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(policy: str, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+def serve_cmd(policy: str, port: int, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "elasticserve.cli", "serve", "--port", str(port)]
     cmd += ["--policy", policy, "--slo-tpot-ms", str(args.slo_tpot_ms)]
     cmd += ["--slo-ttft-ms", str(args.slo_ttft_ms), "--max-num-seqs", str(args.max_num_seqs)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server with --policy {policy} did not start")
-
-
-async def probe_capacity(
-    cfg: BenchConfig, prompts: list[str], streams: int, seconds: float
-) -> float:
-    """Requests/s the server completes with `streams` back-to-back streams (full shape)."""
-    done = 0
-    t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=cfg.timeout, trust_env=False) as client:
-
-        async def loop(k: int) -> None:
-            nonlocal done
-            i = k
-            while time.perf_counter() - t0 < seconds:
-                r = await send_request(client, cfg, prompts[i % len(prompts)], i, t0)
-                done += r.ok
-                i += streams
-
-        await asyncio.gather(*(loop(k) for k in range(streams)))
-    return done / (time.perf_counter() - t0)
+    return cmd
 
 
 def schedule(rates: list[float], phase_s: float, seed: int) -> list[float]:
@@ -159,9 +123,7 @@ def main() -> None:
     capacity = None
     for policy in args.policies.split(","):
         port = free_port()
-        proc = start_server(policy, port, args)
-        try:
-            base = f"http://127.0.0.1:{port}"
+        with running_server(serve_cmd(policy, port, args), port) as base:
             shapes = httpx.get(base + "/v1/shapes").json()
             shapes = shapes.get("data", shapes) if isinstance(shapes, dict) else shapes
             fractions = {s["shape"]: s["weight_fraction"] for s in shapes}
@@ -181,9 +143,6 @@ def main() -> None:
                 print(f"full-shape capacity: {capacity:.2f} requests/s")
             times = schedule([m * capacity for m in mults], args.phase_s, seed=0)
             results = asyncio.run(drive(cfg, prompts, times))
-        finally:
-            proc.terminate()
-            proc.wait(30)
         records = [
             {
                 "sent": r.sent,

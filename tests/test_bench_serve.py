@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import uvicorn
@@ -24,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from elasticserve.bench.cli import register, table_row
 from elasticserve.bench.datasets import prompt_bodies, text_files, with_unique_prefixes
+from elasticserve.bench.local import free_port, probe_capacity, running_server
 from elasticserve.bench.serve import (
     BenchConfig,
     RequestResult,
@@ -304,3 +307,28 @@ def test_failed_requests_are_counted_not_fatal(tmp_path: Path) -> None:
     bench(*serve_args(url, tmp_path / "refused", "--request-rate", "inf"))
     closed.close()
     assert load_runs(tmp_path / "refused")[0]["summary"]["failed"] == 6
+
+
+def test_running_server_waits_for_health_and_stops_the_process() -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    with running_server(cmd, port, timeout_s=30, health_path="/") as url:
+        assert httpx.get(url + "/", trust_env=False).status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/", trust_env=False, timeout=2)
+
+
+def test_running_server_reports_a_server_that_exits_before_it_is_up() -> None:
+    port = free_port()
+    server = running_server([sys.executable, "-c", "raise SystemExit(3)"], port, timeout_s=30)
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        server.__enter__()
+
+
+def test_probe_capacity_counts_completed_requests_of_a_closed_loop() -> None:
+    with serving(Fake()) as url:
+        cfg = BenchConfig(url, "m", output_len=8)
+        rate = asyncio.run(probe_capacity(cfg, ["a", "b", "c"], streams=2, seconds=1.0))
+    # each of the 2 streams waits for the fake's first chunk and 7 more tokens per request
+    per_request = Fake().first_delay + 7 * Fake().token_delay
+    assert 0.3 * 2 / per_request < rate <= 2 / per_request * 1.05

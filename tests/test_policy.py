@@ -133,6 +133,20 @@ def test_rising_load_shrinks_running_width_within_one_step():
     assert all(SPECS[decision.changes[w.request_id]] == cap for w in burst)
 
 
+def test_a_cap_predicted_just_inside_the_slo_is_shrunk_by_the_shrink_margin():
+    # two running rows at full: 2 + 8 + 2 x 1.5 ms = 13 ms predicted TPOT
+    rows = [view("a"), view("b")]
+    predicted_ms = 13.0
+    tpot_ms = predicted_ms / 0.9  # predicted at 90 % of the SLO
+    exact = slo_policy(tpot_ms=tpot_ms, shrink_margin=0.0)
+    assert exact.decide(state(rows), 0.0).step_shape == FULL.id
+    slack = slo_policy(tpot_ms=tpot_ms, shrink_margin=0.2)
+    decision = slack.decide(state(rows), 0.0)
+    assert decision.step_shape != FULL.id and set(decision.changes) == {"a", "b"}
+    with pytest.raises(ValueError, match="shrink_margin <= grow_margin"):
+        PolicyConfig(shrink_margin=0.4, grow_margin=0.3)
+
+
 def test_falling_load_grows_back_only_after_the_slack_persists():
     policy = slo_policy(grow_after_s=2.0, grow_after_steps=4)
     burst = [view(f"r{i}") for i in range(40)]
@@ -159,7 +173,7 @@ def test_a_new_request_after_idle_gets_the_full_shape_at_once():
 
 
 def test_pinned_is_untouched_and_min_shape_is_a_floor():
-    policy = slo_policy(tpot_ms=15.0)
+    policy = slo_policy(tpot_ms=18.0)  # full alone: 11.5 ms, within the grow margin
     floor, pin = BY_NAME["d6-w0.75"], BY_NAME["d6-w0.5"]
     special = [
         view("pinned", pin, pinned=True),

@@ -125,6 +125,7 @@ def request_body(cfg: BenchConfig, prompt: str) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": cfg.model,
         "max_tokens": cfg.output_len,
+        "temperature": 0.0,  # greedy, as vLLM's benchmark: sampling cost is not what is measured
         "stream": True,
         "stream_options": {"include_usage": True},
     }

@@ -1,0 +1,158 @@
+"""`fixed` (full), `fixed` (smallest) and `slo` on the default model, swept from light load to ~3x.
+
+Starts `elasticserve serve` on 127.0.0.1 (one `fixed` server serves both the full shape and,
+pinned by the model name, the smallest; then one `slo` server), measures the full shape's
+capacity with a closed loop, and sweeps Poisson request rates at `--mults` multiples of it with
+`elasticserve bench serve`'s machinery: unique prompt prefixes, streaming, SLO goodput, served
+shape mix and served perplexity. Each rate runs for about `--seconds`.
+
+Writes bench/results/compare_policies/<config>/rate-*.json + summary.csv, the plots of
+`elasticserve bench plot`, and compare_policies.md (the table for BENCHMARKS.md).
+
+    python bench/compare_policies.py [--mults 0.5,1,1.5,2,3] [--slo-ttft-ms 2000]
+        [--slo-tpot-ms 100] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from elasticserve.bench.datasets import prompt_bodies, with_unique_prefixes
+from elasticserve.bench.local import free_port, probe_capacity, running_server
+from elasticserve.bench.plot import plot_runs
+from elasticserve.bench.serve import BenchConfig, run_benchmark, save_run, summarize, write_csv
+
+OUT = Path("bench/results/compare_policies")
+NAME = "smollm2-135m"
+
+
+def serve_cmd(policy: str, port: int, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "elasticserve.cli", "serve", "--port", str(port)]
+    cmd += ["--served-model-name", NAME, "--policy", policy]
+    cmd += ["--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)]
+    return [*cmd, "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
+
+
+def shapes(base: str) -> list[dict[str, Any]]:
+    data = httpx.get(base + "/v1/shapes", trust_env=False).json()
+    return data.get("data", data) if isinstance(data, dict) else data
+
+
+def sweep(
+    base: BenchConfig, rates: list[float], seconds: float, bodies: list[str], out: Path
+) -> list[dict[str, Any]]:
+    """One run per rate (about `seconds` of arrivals each); their summaries, saved under `out`."""
+    summaries = []
+    for rate in rates:
+        num = max(20, math.ceil(rate * seconds))
+        cfg = replace(base, request_rate=rate, num_prompts=num)
+        prompts = with_unique_prefixes(bodies[:num])
+        results, duration, shape_ppl = asyncio.run(run_benchmark(cfg, prompts, progress=False))
+        summary = summarize(cfg, results, duration, shape_ppl)
+        save_run(out, cfg, summary, results)
+        write_csv(out)
+        summaries.append(summary)
+        print(
+            f"  {out.name:<15} rate {rate:5.2f}/s: {summary['slo_attainment_pct']:5.1f}% within "
+            f"SLO, goodput {summary['goodput']:.2f}/s, p99 TTFT {summary['ttft_p99_ms'] or 0:.0f}"
+            f" ms, p99 TPOT {summary['tpot_p99_ms'] or 0:.0f} ms, ppl {summary['ppl_served']}",
+            flush=True,
+        )
+    return summaries
+
+
+def slo_capacity(summaries: list[dict[str, Any]], attainment: float) -> float | None:
+    """The highest swept rate at which at least `attainment` % of requests met the SLO."""
+    ok = [float(s["request_rate"]) for s in summaries if s["slo_attainment_pct"] >= attainment]
+    return max(ok) if ok else None
+
+
+def table(results: dict[str, list[dict[str, Any]]], capacity: float) -> str:
+    lines = [
+        "| config | rate (req/s) | × capacity | within SLO | goodput (req/s) | p99 TTFT (ms) "
+        "| p99 TPOT (ms) | served ppl | main shapes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config, summaries in results.items():
+        for s in summaries:
+            rate = float(s["request_rate"])
+            mix = ", ".join(f"{k} {v:.0%}" for k, v in list(s["shape_mix"].items())[:2])
+            ppl = "-" if s["ppl_served"] is None else f"{s['ppl_served']:.1f}"
+            lines.append(
+                f"| {config} | {rate:.2f} | {rate / capacity:.1f} | {s['slo_attainment_pct']:.0f} %"
+                f" | {s['goodput']:.2f} | {s['ttft_p99_ms'] or 0:.0f} | {s['tpot_p99_ms'] or 0:.0f}"
+                f" | {ppl} | {mix} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mults", default="0.5,1,1.5,2,3", help="multiples of full capacity")
+    parser.add_argument("--seconds", type=float, default=20.0, help="arrivals per rate")
+    parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--probe-concurrency", type=int, default=4)
+    parser.add_argument("--data", default="../shared/corpus/austen")
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args()
+    out = Path(args.out)
+    mults = [float(m) for m in args.mults.split(",")]
+    bodies = prompt_bodies("austen", args.data, 2000, args.input_len, seed=1)
+    results: dict[str, list[dict[str, Any]]] = {}
+    slo = {"slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms}
+
+    port = free_port()
+    with running_server(serve_cmd("fixed", port, args), port) as url:
+        grid = shapes(url)
+        smallest = min(grid, key=lambda s: s["weight_fraction"])["shape"]
+        base = BenchConfig(
+            url, NAME, data=args.data, input_len=args.input_len, output_len=args.output_len, **slo
+        )
+        full = replace(base, model=f"{NAME}@full")
+        probe = with_unique_prefixes(bodies)
+        capacity = asyncio.run(probe_capacity(full, probe, args.probe_concurrency, 15.0))
+        rates = [round(m * capacity, 3) for m in mults]
+        print(f"full-shape capacity ({args.probe_concurrency} streams): {capacity:.2f} req/s")
+        results["fixed-full"] = sweep(full, rates, args.seconds, bodies, out / "fixed-full")
+        small = replace(base, model=f"{NAME}@{smallest}")
+        results["fixed-smallest"] = sweep(
+            small, rates, args.seconds, bodies, out / "fixed-smallest"
+        )
+    port = free_port()
+    with running_server(serve_cmd("slo", port, args), port) as url:
+        base = replace(base, base_url=url)
+        results["slo"] = sweep(base, rates, args.seconds, bodies, out / "slo")
+
+    plots = plot_runs([out / c for c in results], out)
+    within = slo_capacity(results["fixed-full"], 95.0)
+    text = table(results, capacity)
+    meta = {
+        "args": vars(args),
+        "probe_capacity_rps": capacity,
+        "fixed_full_slo_capacity_rps": within,
+        "smallest": smallest,
+    }
+    (out / "compare_policies.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=1) + "\n"
+    )
+    (out / "compare_policies.md").write_text(text)
+    print(text)
+    print(f"fixed-full keeps >= 95% within the SLO up to {within} req/s (swept rates)")
+    print("plots: " + ", ".join(str(p) for p in plots))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Benchmarks against servers started on this machine: start, wait for health, probe capacity.
+
+Used by the scripts under bench/ that compare policies or peer servers in one run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+
+import httpx
+
+from .serve import BenchConfig, send_request
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float, path: str) -> None:
+    """Return once GET url+path answers 200; raise if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before it was up")
+        try:
+            if httpx.get(url + path, timeout=1, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}{path} did not answer 200 within {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def running_server(
+    cmd: Sequence[str],
+    port: int,
+    timeout_s: float = 300.0,
+    health_path: str = "/health",
+    env: dict[str, str] | None = None,
+    log: str | None = None,
+) -> Iterator[str]:
+    """Run `cmd` (a server listening on 127.0.0.1:`port`) for the block; yields its base URL."""
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, timeout_s, health_path)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+async def probe_capacity(
+    cfg: BenchConfig, prompts: list[str], streams: int, seconds: float
+) -> float:
+    """Requests/s the server completes with `streams` back-to-back streams (a closed loop)."""
+    done = 0
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=cfg.timeout, trust_env=False) as client:
+
+        async def loop(k: int) -> None:
+            nonlocal done
+            i = k
+            while time.perf_counter() - t0 < seconds:
+                r = await send_request(client, cfg, prompts[i % len(prompts)], i, t0)
+                done += r.ok
+                i += streams
+
+        await asyncio.gather(*(loop(k) for k in range(streams)))
+    return done / (time.perf_counter() - t0)
