@@ -18,8 +18,10 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -658,8 +660,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
+T = TypeVar("T")
+
+
+def off_main_thread(fn: Callable[[], T]) -> T:
+    """`fn()` on a short-lived thread, which has exited when this returns.
+
+    The server's torch work runs on the engine thread; if the main thread (which stays alive for
+    uvicorn) had run OpenMP regions first, every later region on the engine thread runs at about
+    0.6x the speed (decode 34 vs 56 tok/s, bench/bench_engine_thread.py). Loading on a thread
+    that then exits leaves the engine thread at full speed.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="elasticserve-load") as pool:
+        return pool.submit(fn).result()
+
+
 def build_server(args: argparse.Namespace) -> tuple[AsyncLLMEngine, FastAPI]:
     """The engine (running) and app that `elasticserve serve` serves for `args`."""
+    bundle, engine, profile = off_main_thread(partial(_load_engine, args))
+    latency = predicted_latency(profile.model(), bundle.specs) if profile else None
+    log.info("serving %s (%d shapes, policy %s)", bundle.name, len(bundle.specs), args.policy)
+    return engine, build_app(engine, bundle.name, api_key=args.api_key, shape_latency=latency)
+
+
+def _load_engine(args: argparse.Namespace) -> tuple[Any, AsyncLLMEngine, Any]:
+    """(bundle, running engine, latency profile or None) for `args`."""
     from elasticserve.bundle import load_bundle
     from elasticserve.engine import EngineConfig, LLMEngine
     from elasticserve.latency import policy_for
@@ -687,9 +712,7 @@ def build_server(args: argparse.Namespace) -> tuple[AsyncLLMEngine, FastAPI]:
         max_num_batched_tokens=args.max_num_batched_tokens,
     )
     engine = AsyncLLMEngine(LLMEngine(bundle, config, policy=policy), args.max_waiting)
-    latency = predicted_latency(profile.model(), bundle.specs) if profile else None
-    log.info("serving %s (%d shapes, policy %s)", bundle.name, len(bundle.specs), args.policy)
-    return engine, build_app(engine, bundle.name, api_key=args.api_key, shape_latency=latency)
+    return bundle, engine, profile
 
 
 def run_serve(args: argparse.Namespace) -> None:
