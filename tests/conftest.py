@@ -45,6 +45,17 @@ requires_default_model = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: two threads on a contended 2-core machine stall at every
+    barrier (10x noise, measured). Latency profiles key by thread count, so one taken here is
+    keyed apart from a 2-thread one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerBase:
     """The SmolLM2 tokenizer, read from the embedded GGUF (no download)."""

@@ -7,7 +7,6 @@ what the policy decides does not depend on how busy this machine is.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from elasticserve import EngineConfig, SamplingParams
 from elasticserve.bundle import load_bundle
@@ -27,13 +26,7 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # nothing here is timed; one thread only spares a contended 2-core machine barrier stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # nothing here is timed (conftest)
 
 
 @pytest.fixture(scope="module")

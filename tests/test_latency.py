@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from elasticserve import cli_profile, latency
 from elasticserve.bundle import load_bundle
@@ -98,16 +97,6 @@ def test_one_outlier_moves_the_correction_only_a_little():
     model = StepTimeModel.fit(_synthetic((0.004, 0.001, 0.0, 0.0), LOADS), alpha=0.1)
     model.observe(LOADS[0], 1000 * model.raw(LOADS[0]))  # a step stalled by another process
     assert model.ratio < 1.3
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    # Two threads on a contended 2-core machine stall at every barrier (10x noise, measured);
-    # the device key includes the thread count, so this profile is keyed apart.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
