@@ -144,12 +144,16 @@ def _gather_kv(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> 
     # [..., L, 2, kv, hd] -> [2, ..., kv, L, hd]
     nd = slots.dim()
     order = (nd, *range(nd - 1), nd + 1, nd - 1, nd + 2)
-    ctx = ctx.permute(order)
-    return torch.empty(ctx.shape, dtype=dtype, device=ctx.device).copy_(ctx)
+    return _dense(ctx.permute(order), dtype)
+
+
+def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous `dtype` copy of a strided view, in one pass (`.to().contiguous()` makes two)."""
+    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
 
 
 def _attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype attention runs in: fp32 on CPU, whose bf16/fp16 SDPA is 5-10x slower than its
+    """The dtype attention runs in: fp32 on CPU, whose bf16/fp16 SDPA is 2.8-5x slower than its
     fp32 one (bench/bench_cpu_ops.py); else the model's."""
     return torch.float32 if device.type == "cpu" else dtype
 
@@ -178,7 +182,7 @@ def _attention(
         qs = qs.reshape(1, mh, n, hd).to(dtype)
         if pre.slots is None:  # nothing cached before this chunk: attend to the fresh keys
             fresh = vk[rows].permute(1, 2, 0, 3)
-            v, k = torch.empty(fresh.shape, dtype=dtype, device=vk.device).copy_(fresh)
+            v, k = _dense(fresh, dtype)
             mask, causal = None, True
         else:
             assert cache is not None

@@ -195,14 +195,13 @@ class _DecodeSlots:
             pick: slice | torch.Tensor = slice(ds[0], ds[-1] + 1)
         else:
             pick = torch.tensor(ds, device=device)
-        slots = self.slots[pick, layer]
-        mask = None if self.mask is None else self.mask[pick]
-        longest = max(self.lens[d] for d in ds)
-        if longest < slots.shape[-1]:
-            slots = slots[:, :longest]
-            mask = None if mask is None else mask[..., :longest]
-        if mask is not None and min(self.lens[d] for d in ds) == longest:
-            mask = None
+        lens = [self.lens[d] for d in ds]
+        longest = max(lens)
+        slots = self.slots[pick, layer, :longest]
+        mask = None
+        if min(lens) < longest:  # these chunks' lengths differ, so the step's did: a mask exists
+            assert self.mask is not None
+            mask = self.mask[pick][..., :longest]
         key = tuple(rows)
         if key not in self.rows:  # most layers decode the same rows
             self.rows[key] = torch.tensor(rows, device=device)
