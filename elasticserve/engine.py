@@ -85,6 +85,9 @@ class LLMEngine:
         self.load = LoadTracker()
         self.shape_switches: Counter[str] = Counter()  # "in_flight", "queued" (by the policy)
         self.last_step: tuple[StepLoad, float] | None = None  # load and seconds of the last step
+        # end of the last step if work remained: the next step's time counts from there, so the
+        # policy sees a token's whole cycle (a server's dispatch between steps included)
+        self._busy_since: float | None = None
         self.config = config = config or EngineConfig()
         cfg, model = bundle.config, bundle.model
         max_len = bundle.max_model_len
@@ -215,6 +218,8 @@ class LLMEngine:
         """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
         if self.scheduler.abort(request_id) is not None:
             self.requests.pop(request_id, None)
+        if not self.scheduler.has_unfinished():
+            self._busy_since = None  # a caller may now idle before the next step
 
     def set_shape(self, request_id: str, shape: str | Shape | ShapeSpec) -> None:
         """Move a running request to another shape: any width; depth only a subset of its layers."""
@@ -239,16 +244,17 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that produced a token or finished."""
+        start = time.perf_counter() if self._busy_since is None else self._busy_since
         if self.policy is not None and self.scheduler.has_unfinished():
             self._apply_policy(self.policy)
         out = self.scheduler.schedule()
         if out.is_empty:
+            self._busy_since = None
             return []
         load = step_load(
             (self.requests[s.seq.seq_id].spec.shape, s.num_new_tokens, s.start)
             for s in out.scheduled
         )
-        start = time.perf_counter()
         logits, sampled = self._run(out)
         outputs = self._sample_and_append(out, logits, sampled)
         for req in sampled:
@@ -257,7 +263,9 @@ class LLMEngine:
                 del self.requests[req.seq.seq_id]
                 self.load.finish(req.seq.num_output_tokens)
         self.scheduler.postprocess(out)
-        self.last_step = (load, time.perf_counter() - start)
+        end = time.perf_counter()
+        self.last_step = (load, end - start)
+        self._busy_since = end if self.scheduler.has_unfinished() else None
         if self.policy is not None:
             self.policy.observe(*self.last_step)
         return outputs

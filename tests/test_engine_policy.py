@@ -6,6 +6,8 @@ what the policy decides does not depend on how busy this machine is.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from elasticserve import EngineConfig, SamplingParams
@@ -132,6 +134,26 @@ def test_observed_step_times_reach_the_step_time_model(bundle):
     predicted, observed = model.last
     assert predicted > 0 and observed > 0
     assert engine.last_step is not None and engine.last_step[0].shape == bundle.full.name
+
+
+def test_observed_step_time_spans_busy_gaps_not_idle_ones(bundle):
+    engine, clock = make_engine(bundle)
+    pause = 0.2  # far above a tiny-model step
+    engine.add_request(TEXT, PARAMS)
+    engine.step()
+    time.sleep(pause)  # work remains: a server dispatching outputs between steps
+    engine.step()
+    assert engine.last_step is not None and engine.last_step[1] >= pause
+    drain(engine, clock)
+    time.sleep(pause)  # nothing to do: idle time is no step's
+    engine.add_request(TEXT, PARAMS)
+    engine.step()
+    assert engine.last_step[1] < pause
+    engine.abort(next(iter(engine.requests)))
+    time.sleep(pause)  # the last request aborted between steps: idle again
+    engine.add_request(TEXT, PARAMS)
+    engine.step()
+    assert engine.last_step[1] < pause
 
 
 def test_without_a_policy_auto_is_the_full_shape(bundle):
