@@ -4,6 +4,7 @@ the wrong model; monotone rounded widths; DP layer tables; the calibrate and eva
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import torch
 from elasticserve.bundle import load_bundle
 from elasticserve.calibrate.cli import register
 from elasticserve.calibrate.depth import LayerRunner, dp_tables
-from elasticserve.calibrate.importance import load_dense
+from elasticserve.calibrate.importance import activation_stats, load_dense, orders, wifv_scores
 from elasticserve.calibrate.run import calibrate
+from elasticserve.calibrate.sensitivity import LayerCosts, knapsack_widths, layer_costs
 from elasticserve.calibrate.widths import check_widths
+from elasticserve.config import ModelConfig
 from elasticserve.pack import Pack, PackMismatchError, channel_multiple, uniform_widths
 
 from .helpers import prefill_logits
@@ -93,10 +96,11 @@ def test_widths_are_monotone_rounded_and_within_budget(pack_dir):
         heads, mlp = pack.layer_widths[w]
         assert all(m % channel_multiple(cfg) == 0 and m > 0 for m in mlp)
         assert all(h % cfg.num_groups == 0 and h > 0 for h in heads)
-    for w in WIDTHS:  # the global ranking moves bytes between layers, never adds any
-        u_heads, u_mlp = uniform_widths(cfg, w)
-        assert sum(pack.layer_widths[w][0]) == sum(u_heads)
-        assert sum(pack.layer_widths[w][1]) == sum(u_mlp)
+    for w in WIDTHS:  # the knapsack moves bytes between layers and parts, never adds any
+        spent = sum(cfg.layer_params(h, m) for h, m in zip(*pack.layer_widths[w], strict=True))
+        budget = sum(cfg.layer_params(h, m) for h, m in zip(*uniform_widths(cfg, w), strict=True))
+        assert spent <= budget
+        assert spent > budget - cfg.layer_params(cfg.num_groups, channel_multiple(cfg))
 
 
 def test_check_widths_rejects_growing_layer(pack_dir):
@@ -143,3 +147,80 @@ def test_eval_json_prints_documented_fields(pack_dir, tiny_llama_dir, text_file,
     assert set(rows[0]) == {"shape", "weight_fraction", "ppl"}
     assert rows[0]["weight_fraction"] == 1.0 and rows[1]["weight_fraction"] < 0.6
     assert all(r["ppl"] > 1.0 for r in rows) and rows[0]["ppl"] != rows[1]["ppl"]
+
+
+def _kl_of(runner: LayerRunner, kept: tuple[int, ...]) -> float:
+    return runner.score(list(kept), 0)
+
+
+def test_wide_beam_dp_finds_the_exhaustive_optimum(tiny_llama_dir, tokenizer):
+    hf = load_dense(tiny_llama_dir)
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"][:64]] * 2)
+    runner = LayerRunner(hf, ids, 32)
+    # every way of keeping 3 of the 5 prunable layers, plus the final one
+    subsets = [(*c, 5) for c in itertools.combinations(range(5), 3)]
+    best = min(subsets, key=lambda kept: _kl_of(runner, kept))
+    wide = dp_tables(runner, [4], beam=len(subsets), progress=False)[4]
+    assert wide == best
+    narrow = dp_tables(runner, [4], beam=1, progress=False)[4]
+    assert _kl_of(runner, wide) <= _kl_of(runner, narrow)
+
+
+def test_knapsack_widths_are_optimal_within_uniform_bytes_and_nested():
+    config = ModelConfig(
+        model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=3,
+        num_heads=3, num_kv_heads=1, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=64,
+        tie_word_embeddings=True, qkv_bias=False, bos_token_id=None, eos_token_ids=(0,),
+    )  # fmt: skip
+    mlp_counts = list(range(16, 65, channel_multiple(config)))  # every count is measured
+    g = torch.Generator().manual_seed(0)
+
+    def decreasing(n: int) -> torch.Tensor:  # random costs, falling to 0 at full width
+        values = torch.rand(config.num_layers, n - 1, generator=g).sort(1, descending=True)[0]
+        return torch.cat([values, torch.zeros(config.num_layers, 1)], 1)
+
+    costs = LayerCosts([1, 2, 3], mlp_counts, decreasing(3), decreasing(len(mlp_counts)))
+    widths = knapsack_widths(costs, config, [1.0, 0.75, 0.5])
+    check_widths(widths, config)  # on the grid and nested
+    assert widths[1.0] == ((3,) * 3, (64,) * 3)
+
+    def cost(choice) -> float:
+        return sum(
+            float(costs.heads[i, h - 1] + costs.mlp[i, mlp_counts.index(m)])
+            for i, (h, m) in enumerate(choice)
+        )
+
+    def size(choice) -> int:
+        return sum(config.layer_params(h, m) for h, m in choice)
+
+    options = list(itertools.product([1, 2, 3], mlp_counts))
+    for wide, width in ((1.0, 0.75), (0.75, 0.5)):
+        chosen = list(zip(*widths[width], strict=True))
+        caps = list(zip(*widths[wide], strict=True))
+        budget = size(list(zip(*uniform_widths(config, width), strict=True)))
+        assert size(chosen) <= budget
+        brute = min(
+            cost(combo)
+            for combo in itertools.product(options, repeat=config.num_layers)
+            if size(combo) <= budget
+            and all(h <= ch and m <= cm for (h, m), (ch, cm) in zip(combo, caps, strict=True))
+        )
+        assert cost(chosen) == pytest.approx(brute)
+
+
+def test_width_costs_are_zero_only_at_full_width(tiny_llama_dir, tokenizer):
+    hf = load_dense(tiny_llama_dir)
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"][:64]] * 2)
+    config = ModelConfig.from_hf(hf.config)
+    stats = activation_stats(hf, ids)
+    head_scores, mlp_scores = wifv_scores(hf, stats, config)
+    head_order, mlp_order = orders(head_scores, mlp_scores, config)
+    costs = layer_costs(
+        hf, LayerRunner(hf, ids, 32), stats, head_order, mlp_order, config, progress=False
+    )
+    assert costs.head_counts[-1] == config.num_heads
+    assert costs.mlp_counts[-1] == config.intermediate_size
+    assert (costs.heads[:, -1] == 0).all() and (costs.mlp[:, -1] == 0).all()
+    assert (costs.heads[:, :-1] > 0).all() and (costs.mlp[:, :-1] > 0).all()
+    layer_widths = knapsack_widths(costs, config, [1.0, 0.75, 0.5])
+    check_widths(layer_widths, config)

@@ -25,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--tokens", type=int, default=16384, help="calibration tokens (WIFV statistics)"
     )
     cal.add_argument("--seq-len", type=int, default=256, help="calibration window length")
-    cal.add_argument("--dp-tokens", type=int, default=1024, help="tokens scored by the depth DP")
+    cal.add_argument(
+        "--dp-tokens", type=int, default=1024, help="tokens scored by the width and depth searches"
+    )
+    cal.add_argument("--dp-beam", type=int, default=2, help="candidates kept per depth-DP cell")
     cal.add_argument("--exclude", nargs="*", default=[], help="file names in --data to skip")
     cal.add_argument(
         "--eval-data", nargs="*", default=[], help="held-out text for per-shape quality"
@@ -89,6 +92,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         seq_len=args.seq_len,
         dp_tokens=args.dp_tokens,
+        dp_beam=args.dp_beam,
         eval_data=args.eval_data,
         eval_tokens=args.eval_tokens,
         exclude=args.exclude,

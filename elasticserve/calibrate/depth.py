@@ -14,6 +14,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 LayerTables = dict[int, tuple[int, ...]]
+Cell = list[tuple[float, tuple[int, ...]]]  # a DP cell's candidates: (KL, kept layers), best first
 
 
 class LayerRunner:
@@ -61,33 +62,41 @@ class LayerRunner:
         return self.kl(self.run(h, [i for i in kept if i >= start])[0])
 
 
-def dp_tables(runner: LayerRunner, depths: list[int], progress: bool = True) -> LayerTables:
-    """AmoebaLLM's DP: best[n][m] removes m of the last n prunable layers (the final one stays)."""
+def dp_tables(
+    runner: LayerRunner, depths: list[int], beam: int = 1, progress: bool = True
+) -> LayerTables:
+    """AmoebaLLM's DP, widened to a beam: cell (n, m) removes m of the last n prunable layers.
+
+    Each cell keeps its `beam` best candidates (beam 1 is the paper's DP). A cell's candidates
+    either keep the layer decided now (the previous cell's, same score: every layer before is
+    kept, so where a candidate is scored from does not change its KL) or remove it from one of
+    the previous cell's candidates with one fewer removal. The final layer is always kept.
+    """
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
     num = len(runner.layers)
     prunable = num - 1
     most = num - min(depths)
-    inf = float("inf")
-    cost = [[inf] * (most + 1) for _ in range(prunable + 1)]
-    keep = [[list(range(num))] * (most + 1) for _ in range(prunable + 1)]
-    for n in range(prunable + 1):
-        cost[n][0] = 0.0
+    cells: list[Cell] = [[(0.0, tuple(range(num)))]] + [[] for _ in range(most)]
     bar = tqdm(
         total=sum(min(n, most) for n in range(1, prunable + 1)),
-        desc="depth DP",
+        desc=f"depth DP (beam {beam})",
         disable=not progress,
     )
     for n in range(1, prunable + 1):
         layer = prunable - n  # decided now; every layer before it is kept
-        for m in range(1, min(n, most) + 1):
-            cand = [i for i in keep[n - 1][m - 1] if i != layer]
-            score = runner.score(cand, layer)
-            if score < cost[n - 1][m]:
-                cost[n][m], keep[n][m] = score, cand
-            else:
-                cost[n][m], keep[n][m] = cost[n - 1][m], keep[n - 1][m]
+        nxt: list[Cell] = [cells[0]]
+        for m in range(1, most + 1):
+            if m > n:
+                nxt.append([])
+                continue
+            removed = [tuple(i for i in kept if i != layer) for _, kept in cells[m - 1]]
+            scored = [(runner.score(list(c), layer), c) for c in removed]
+            nxt.append(sorted(cells[m] + scored)[:beam])
             bar.update()
+        cells = nxt
     bar.close()
-    return {d: tuple(keep[prunable][num - d]) for d in depths}
+    return {d: cells[num - d][0][1] for d in depths}
 
 
 def block_influence_tables(runner: LayerRunner, depths: list[int]) -> LayerTables:

@@ -19,7 +19,7 @@ from ..loader import load_config, load_state_dict, load_tokenizer, resolve_model
 from ..pack import DEFAULT_WIDTHS, Pack, default_depths, model_fingerprint
 from .depth import LayerRunner, dp_tables
 from .importance import activation_stats, bias_compensation, load_dense, orders, wifv_scores
-from .widths import global_widths
+from .sensitivity import MLP_LEVELS, knapsack_widths, layer_costs
 
 PathLike = str | os.PathLike[str]
 
@@ -41,7 +41,7 @@ def calibration_windows(
 
 
 def dp_batch(calib: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Every k-th calibration window, about `tokens` in all: the batch depth search scores on."""
+    """Every k-th calibration window, about `tokens` in all: the batch the searches score on."""
     rows = max(1, tokens // calib.shape[1])
     return calib[:: max(1, calib.shape[0] // rows)][:rows]
 
@@ -55,6 +55,7 @@ def calibrate(
     tokens: int = 16384,
     seq_len: int = 256,
     dp_tokens: int = 1024,
+    dp_beam: int = 2,
     eval_data: Sequence[PathLike] = (),
     eval_tokens: int = 4096,
     exclude: Sequence[str] = (),
@@ -75,10 +76,12 @@ def calibrate(
     stats = activation_stats(hf, calib)
     head_scores, mlp_scores = wifv_scores(hf, stats, config)
     head_order, mlp_order = orders(head_scores, mlp_scores, config)
-    layer_widths = global_widths(head_scores, mlp_scores, config, widths)
-    bias = bias_compensation(hf, stats, head_order, mlp_order, layer_widths, config)
     runner = LayerRunner(hf, dp_batch(calib, dp_tokens), seq_len // 2)
-    tables = dp_tables(runner, depths)
+    levels = sorted({*MLP_LEVELS, min(widths) / 2}, reverse=True)  # the smallest width fits
+    costs = layer_costs(hf, runner, stats, head_order, mlp_order, config, levels)
+    layer_widths = knapsack_widths(costs, config, widths)
+    bias = bias_compensation(hf, stats, head_order, mlp_order, layer_widths, config)
+    tables = dp_tables(runner, depths, beam=dp_beam)
     pack = Pack(
         fingerprint=_fingerprint(model_dir, config),
         config=config,
@@ -93,6 +96,7 @@ def calibrate(
             "exclude": list(exclude),
             "calibration_tokens": int(calib.numel()),
             "dp_tokens": runner.ids.numel(),
+            "dp_beam": dp_beam,
             **(meta or {}),
         },
     )
@@ -121,7 +125,8 @@ def write_readme(pack: Pack, out: Path) -> None:
         "",
         f"Calibration text: {pack.meta.get('data')} (excluding {pack.meta.get('exclude')}),",
         f"{pack.meta.get('calibration_tokens')} tokens for the WIFV statistics and "
-        f"{pack.meta.get('dp_tokens')} for the depth DP; took {pack.meta.get('seconds')} s.",
+        f"{pack.meta.get('dp_tokens')} for the width and depth searches; took "
+        f"{pack.meta.get('seconds')} s.",
         "`quality` in manifest.json: held-out perplexity per shape on "
         f"{pack.meta.get('quality_data')}.",
         "",

@@ -1,10 +1,12 @@
-"""Per-layer widths for each width ratio, from one global importance ranking across layers.
+"""Per-layer widths from one global WIFV ranking across layers (a baseline), and width checks.
 
-Scores are divided by their layer's median first: a layer's scale (and SmolLM2's massive activation,
-one channel holding most of a layer's score) must not decide how much of it survives, and a mean
-would starve exactly the layers with such outliers. The ranking is over *units* (64 channels, or one
-head per KV group), taken in each layer's importance order, so every width is already rounded and a
-smaller ratio keeps a subset of a larger one's units: widths are non-increasing per layer.
+The pack's widths come from measured KL costs (sensitivity.py); this ranking is the training-free
+baseline bench/bench_quality.py compares them with. Scores are divided by their layer's median
+first: a layer's scale (and SmolLM2's massive activation, one channel holding most of a layer's
+score) must not decide how much of it survives, and a mean would starve exactly the layers with
+such outliers. The ranking is over *units* (64 channels, or one head per KV group), taken in each
+layer's importance order, so every width is already rounded and a smaller ratio keeps a subset of
+a larger one's units: widths are non-increasing per layer.
 """
 
 from __future__ import annotations
