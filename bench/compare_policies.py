@@ -51,6 +51,8 @@ def sweep(
     base: BenchConfig, rates: list[float], seconds: float, bodies: list[str], out: Path
 ) -> list[dict[str, Any]]:
     """One run per rate (about `seconds` of arrivals each); their summaries, saved under `out`."""
+    for stale in out.glob("rate-*.json"):  # an earlier sweep's rates would join this one's CSV
+        stale.unlink()
     summaries = []
     for rate in rates:
         num = max(20, math.ceil(rate * seconds))
