@@ -119,6 +119,17 @@ def orders(
     return heads, mlp
 
 
+def cut_head_columns(order: torch.Tensor, keep: int, head_dim: int) -> torch.Tensor:
+    """o's input columns of the heads past the first `keep` of a layer's serving `order`."""
+    cut = order[keep:]
+    return (cut[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def mean_contribution(weight: torch.Tensor, cut: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """What input channels `cut` add to a linear's output on average: `W[:, cut] @ mean[cut]`."""
+    return weight.double()[:, cut] @ mean[cut]  # [out], fp64
+
+
 def bias_compensation(
     hf: PreTrainedModel,
     stats: list[LayerStats],
@@ -128,19 +139,15 @@ def bias_compensation(
     config: ModelConfig,
 ) -> BiasTable:
     """Per (width, layer): the mean contribution of the pruned o/down inputs, `Wt[k:].T @ mean`."""
-    hd = config.head_dim
     table: BiasTable = {}
     for layer, (block, s) in enumerate(zip(hf.model.layers, stats, strict=True)):
         o = block.self_attn.o_proj.weight.double()  # [H, n_heads*hd]
         down = block.mlp.down_proj.weight.double()  # [H, I]
-        attn_mean = s.attn.mean.view(config.num_heads, hd)  # [n_heads, hd]
         for width, (heads, mlp) in layer_widths.items():
             if heads[layer] == config.num_heads and mlp[layer] == config.intermediate_size:
                 continue
-            cut_heads = head_orders[layer][heads[layer] :]
-            cols = (cut_heads[:, None] * hd + torch.arange(hd)).flatten()
-            o_bias = o[:, cols] @ attn_mean[cut_heads].flatten()  # [H]
-            cut = mlp_orders[layer][mlp[layer] :]
-            down_bias = down[:, cut] @ s.mlp.mean[cut]  # [H]
+            cols = cut_head_columns(head_orders[layer], heads[layer], config.head_dim)
+            o_bias = mean_contribution(o, cols, s.attn.mean)  # [H]
+            down_bias = mean_contribution(down, mlp_orders[layer][mlp[layer] :], s.mlp.mean)
             table[(width, layer)] = (o_bias.float(), down_bias.float())
     return table

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from ..config import ModelConfig
 from ..pack import channel_multiple, uniform_widths
 from .depth import LayerRunner
-from .importance import LayerStats
+from .importance import LayerStats, cut_head_columns, mean_contribution
 from .widths import LayerWidths, check_widths
 
 MLP_LEVELS = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)  # kept fractions measured per layer
@@ -44,7 +44,7 @@ def _pruned_input(linear: torch.nn.Linear, cut: torch.Tensor, mean: torch.Tensor
     """While open, `linear` sees its input channels `cut` removed and their mean added back."""
     mask = torch.ones(linear.in_features, dtype=linear.weight.dtype)
     mask[cut] = 0
-    bias = (linear.weight.double()[:, cut] @ mean[cut]).to(linear.weight.dtype)
+    bias = mean_contribution(linear.weight, cut, mean).to(linear.weight.dtype)
     pre = linear.register_forward_pre_hook(lambda _m, args: (args[0] * mask,))
     post = linear.register_forward_hook(lambda _m, _args, out: out + bias)
     try:
@@ -52,12 +52,6 @@ def _pruned_input(linear: torch.nn.Linear, cut: torch.Tensor, mean: torch.Tensor
     finally:
         pre.remove()
         post.remove()
-
-
-def _head_columns(order: torch.Tensor, keep: int, head_dim: int) -> torch.Tensor:
-    """o's input columns of the heads past the first `keep` of a layer's serving order."""
-    cut = order[keep:]
-    return (cut[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
 def layer_costs(
@@ -85,7 +79,7 @@ def layer_costs(
     everything = list(range(num))
     for layer, (block, s) in enumerate(zip(hf.model.layers, stats, strict=True)):
         for k, count in enumerate(head_counts[:-1]):
-            cut = _head_columns(head_orders[layer], count, config.head_dim)
+            cut = cut_head_columns(head_orders[layer], count, config.head_dim)
             with _pruned_input(block.self_attn.o_proj, cut, s.attn.mean):
                 heads[layer, k] = runner.score(everything, layer)
             bar.update()
