@@ -13,7 +13,14 @@ import torch
 
 from elasticserve.bundle import load_bundle
 from elasticserve.calibrate.cli import register
-from elasticserve.calibrate.depth import LayerRunner, dp_tables
+from elasticserve.calibrate.depth import (
+    LayerRunner,
+    best_addition,
+    best_removal,
+    dp_tables,
+    greedy_tables,
+    refine_tables,
+)
 from elasticserve.calibrate.importance import activation_stats, load_dense, orders, wifv_scores
 from elasticserve.calibrate.run import calibrate
 from elasticserve.calibrate.sensitivity import LayerCosts, knapsack_widths, layer_costs
@@ -164,6 +171,36 @@ def test_wide_beam_dp_finds_the_exhaustive_optimum(tiny_llama_dir, tokenizer):
     assert wide == best
     narrow = dp_tables(runner, [4], beam=1, progress=False)[4]
     assert _kl_of(runner, wide) <= _kl_of(runner, narrow)
+
+
+def test_moves_score_from_cached_states_like_a_fresh_run(tiny_llama_dir, tokenizer):
+    hf = load_dense(tiny_llama_dir)
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"][:64]] * 2)
+    runner = LayerRunner(hf, ids, 32)
+    kept = (0, 2, 5)
+    added = [tuple(sorted((*kept, i))) for i in (1, 3, 4)]
+    kl, best = best_addition(runner, kept)
+    assert best == min(added, key=lambda k: _kl_of(runner, k))
+    assert kl == pytest.approx(_kl_of(runner, best), rel=1e-5)
+    removed = [(0, 5), (2, 5)]
+    kl, best = best_removal(runner, kept)
+    assert best == min(removed, key=lambda k: _kl_of(runner, k))
+    assert kl == pytest.approx(_kl_of(runner, best), rel=1e-5)
+
+
+def test_refined_tables_are_no_worse_than_dp_or_greedy(tiny_llama_dir, tokenizer):
+    hf = load_dense(tiny_llama_dir)
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"][:64]] * 2)
+    runner = LayerRunner(hf, ids, 32)
+    depths = [6, 5, 4, 3, 2]
+    dp = dp_tables(runner, depths, progress=False)
+    greedy = greedy_tables(runner, depths, progress=False)
+    refined = refine_tables(runner, dp, progress=False)
+    assert refined[6] == tuple(range(6))
+    for d in depths[1:]:
+        assert len(refined[d]) == d and refined[d][-1] == 5
+        kl = _kl_of(runner, refined[d])
+        assert kl <= min(_kl_of(runner, dp[d]), _kl_of(runner, greedy[d])) + 1e-6
 
 
 def test_knapsack_widths_are_optimal_within_uniform_bytes_and_nested():

@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dp-tokens", type=int, default=1024, help="tokens scored by the width and depth searches"
     )
     cal.add_argument("--dp-beam", type=int, default=2, help="candidates kept per depth-DP cell")
+    cal.add_argument(
+        "--refine-rounds", type=int, default=3, help="exchange rounds after the depth DP (0: none)"
+    )
     cal.add_argument("--exclude", nargs="*", default=[], help="file names in --data to skip")
     cal.add_argument(
         "--eval-data", nargs="*", default=[], help="held-out text for per-shape quality"
@@ -93,6 +96,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         dp_tokens=args.dp_tokens,
         dp_beam=args.dp_beam,
+        refine_rounds=args.refine_rounds,
         eval_data=args.eval_data,
         eval_tokens=args.eval_tokens,
         exclude=args.exclude,

@@ -8,6 +8,9 @@ cached, and scoring a candidate only runs the layers after it.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -56,10 +59,18 @@ class LayerRunner:
         logp = self.log_probs(h)
         return (self.ref.exp() * (self.ref - logp)).sum(-1).mean().item()
 
-    def score(self, kept: list[int], start: int, h: torch.Tensor | None = None) -> float:
-        """KL of the network keeping `kept`, identical to the full one before layer `start`."""
+    def score(self, kept: Sequence[int], start: int, h: torch.Tensor | None = None) -> float:
+        """KL of the network keeping `kept`, identical to the full one before layer `start`.
+
+        `h`, if given, is the hidden state entering layer `start` in that network.
+        """
         h = self.inputs[start] if h is None else h
         return self.kl(self.run(h, [i for i in kept if i >= start])[0])
+
+    def inputs_of(self, kept: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The hidden state entering each layer of the network keeping `kept`."""
+        states = self.run(self.inputs[0], list(kept), keep=True)
+        return dict(zip(kept, states, strict=False))
 
 
 def dp_tables(
@@ -113,15 +124,70 @@ def block_influence_tables(runner: LayerRunner, depths: list[int]) -> LayerTable
 def greedy_tables(runner: LayerRunner, depths: list[int], progress: bool = True) -> LayerTables:
     """Baseline: remove one layer at a time, each time the one whose removal costs least KL."""
     num = len(runner.layers)
-    kept = list(range(num))
-    tables: LayerTables = {num: tuple(kept)} if num in depths else {}
+    kept = tuple(range(num))
+    tables: LayerTables = {num: kept} if num in depths else {}
     for _ in tqdm(range(num - min(depths)), desc="greedy depth", disable=not progress):
-        inputs = dict(zip(kept, runner.run(runner.inputs[0], kept, keep=True), strict=False))
-        best: tuple[float, int] = (float("inf"), -1)
-        for layer in kept[:-1]:
-            cand = [i for i in kept if i != layer]
-            best = min(best, (runner.score(cand, layer, inputs[layer]), layer))
-        kept.remove(best[1])
+        kept = best_removal(runner, kept)[1]
         if len(kept) in depths:
-            tables[len(kept)] = tuple(kept)
+            tables[len(kept)] = kept
     return tables
+
+
+def best_removal(runner: LayerRunner, kept: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
+    """The cheapest set with one layer of `kept` removed (never the last), and its KL."""
+    inputs = runner.inputs_of(kept)
+    return min(
+        (runner.score(cand, layer, inputs[layer]), cand)
+        for layer in kept[:-1]
+        for cand in [tuple(i for i in kept if i != layer)]
+    )
+
+
+def best_addition(runner: LayerRunner, kept: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
+    """The best set with one removed layer put back into `kept`, and its KL."""
+    inputs = runner.inputs_of(kept)
+    # a layer put back sees what the next kept layer would have: everything before it ran
+    return min(
+        (runner.score(cand, layer, inputs[min(i for i in kept if i > layer)]), cand)
+        for layer in range(len(runner.layers))
+        if layer not in kept
+        for cand in [tuple(sorted((*kept, layer)))]
+    )
+
+
+def refine_tables(
+    runner: LayerRunner, tables: LayerTables, rounds: int = 3, progress: bool = True
+) -> LayerTables:
+    """Floating search seeded by the DP: lower each depth's KL where local moves can.
+
+    Depths go from the largest down. A depth starts from the best of its DP table, the greedy
+    baseline's set and greedy removals from the next larger depth's refined set (the DP scores
+    an early layer with every layer before it intact; a descent sees it in the pruned network).
+    Then up to `rounds` exchanges: put back the removed layer that helps most, remove the layer
+    that costs least from the result, keep the new set only if its KL is lower. So on the
+    calibration batch no depth is worse than the DP or greedy removal.
+    """
+    num = len(runner.layers)
+    removal = functools.cache(functools.partial(best_removal, runner))  # chains share steps
+
+    def descend(kept: tuple[int, ...], depth: int) -> tuple[float, tuple[int, ...]]:
+        step = removal(kept)  # callers pass a larger set
+        while len(step[1]) > depth:
+            step = removal(step[1])
+        return step
+
+    refined: LayerTables = {}
+    above = greedy = tuple(range(num))
+    for depth in tqdm(sorted(tables, reverse=True), desc="depth refine", disable=not progress):
+        best = (runner.score(tables[depth], 0), tables[depth])
+        if depth < num:
+            by_greedy = descend(greedy, depth)
+            best = min(best, by_greedy, descend(above, depth))
+            greedy = by_greedy[1]
+            for _ in range(rounds):
+                swapped = removal(best_addition(runner, best[1])[1])
+                if swapped[0] >= best[0]:
+                    break
+                best = swapped
+        refined[depth] = above = best[1]
+    return refined

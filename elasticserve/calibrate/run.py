@@ -17,7 +17,7 @@ from ..data import load_token_ids, sample_windows
 from ..evaluate import shape_report
 from ..loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir
 from ..pack import DEFAULT_WIDTHS, Pack, default_depths, model_fingerprint
-from .depth import LayerRunner, dp_tables
+from .depth import LayerRunner, dp_tables, refine_tables
 from .importance import activation_stats, bias_compensation, load_dense, orders, wifv_scores
 from .sensitivity import MLP_LEVELS, knapsack_widths, layer_costs
 
@@ -56,6 +56,7 @@ def calibrate(
     seq_len: int = 256,
     dp_tokens: int = 1024,
     dp_beam: int = 2,
+    refine_rounds: int = 3,
     eval_data: Sequence[PathLike] = (),
     eval_tokens: int = 4096,
     exclude: Sequence[str] = (),
@@ -81,7 +82,8 @@ def calibrate(
     costs = layer_costs(hf, runner, stats, head_order, mlp_order, config, levels)
     layer_widths = knapsack_widths(costs, config, widths)
     bias = bias_compensation(hf, stats, head_order, mlp_order, layer_widths, config)
-    tables = dp_tables(runner, depths, beam=dp_beam)
+    searched = dp_tables(runner, depths, beam=dp_beam)
+    tables = refine_tables(runner, searched, rounds=refine_rounds)
     pack = Pack(
         fingerprint=_fingerprint(model_dir, config),
         config=config,
@@ -97,6 +99,8 @@ def calibrate(
             "calibration_tokens": int(calib.numel()),
             "dp_tokens": runner.ids.numel(),
             "dp_beam": dp_beam,
+            "refine_rounds": refine_rounds,
+            "dp_tables": {str(d): list(layers) for d, layers in searched.items()},
             **(meta or {}),
         },
     )
