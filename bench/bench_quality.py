@@ -123,19 +123,30 @@ def depth_rows(args, pack: Pack, bundle: ModelBundle, hf, calib, ids, full: dict
     num = pack.config.num_layers
     depths = [d for d in pack.depths if d < num]
     runner = LayerRunner(hf, dp_batch(calib, args.dp_tokens), args.seq_len // 2)
+    searched = pack.meta.get("dp_tables") or {}  # the DP's own tables, before refinement
     tables = {
+        "dp": {int(d): tuple(layers) for d, layers in searched.items()},
         "block_influence": block_influence_tables(runner, depths),
         "greedy": greedy_tables(runner, depths),
     }
     rows = []
     for d in depths:
-        row: dict = {"depth": d, "dp": full[f"d{d}-w1.0"]["ppl"], "dp_layers": pack.layer_tables[d]}
+        row: dict = {
+            "depth": d,
+            "pack": full[f"d{d}-w1.0"]["ppl"],
+            "pack_layers": pack.layer_tables[d],
+            "pack_kl": runner.score(pack.layer_tables[d], 0),
+        }
         for key, table in tables.items():
+            if d not in table:
+                row[key] = None
+                continue
             base = load_bundle(
                 bundle.model_dir, pack=_with_table(pack, d, table[d]), dtype="float32"
             )
             row[key] = ppl(base, f"d{d}-w1.0", ids)
             row[f"{key}_layers"] = table[d]
+            row[f"{key}_kl"] = runner.score(table[d], 0)  # on the search's calibration batch
         rows.append(row)
     return rows
 
@@ -168,12 +179,21 @@ def print_tables(result: dict) -> None:
             f"{r['global_wifv_bias']:>9.2f}{r['uniform_wifv_bias']:>10.2f}{r['prefix']:>11.1f}"
             f"{r['uniform_wifv_bias'] / r['pack']:>11.2f}"
         )
-    print(f"\n{'depth':<7}{'DP':>9}{'block infl.':>13}{'greedy':>9}{'BI/DP':>8}{'greedy/DP':>11}")
+    print(
+        f"\n{'depth':<7}{'pack':>9}{'DP alone':>10}{'block infl.':>13}{'greedy':>9}"
+        f"{'BI/pack':>9}{'greedy/pack':>13}   calibration KL: pack / DP / greedy"
+    )
     for r in result["depth"]:
         print(
-            f"{r['depth']:<7}{r['dp']:>9.2f}{r['block_influence']:>13.2f}{r['greedy']:>9.2f}"
-            f"{r['block_influence'] / r['dp']:>8.2f}{r['greedy'] / r['dp']:>11.2f}"
+            f"{r['depth']:<7}{r['pack']:>9.2f}{_num(r['dp']):>10}{r['block_influence']:>13.2f}"
+            f"{r['greedy']:>9.2f}{r['block_influence'] / r['pack']:>9.2f}"
+            f"{r['greedy'] / r['pack']:>13.2f}   {r['pack_kl']:.4f} / "
+            f"{_num(r.get('dp_kl'), 4)} / {r['greedy_kl']:.4f}"
         )
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
@@ -213,16 +233,21 @@ def markdown(result: dict) -> str:
         )
     lines += [
         "",
-        f"Depth at full width: the pack's DP layer tables (beam {result['dp_beam']}) vs block "
-        "influence vs greedy removal (both on the DP's calibration batch).",
+        "Depth at full width: the pack's layer tables (DP with a beam of "
+        f"{result['dp_beam']}, then refined by greedy descents and exchanges) vs the DP's own "
+        "tables vs block influence vs greedy removal (all searched on the same calibration "
+        "batch; KL: mean per-token KL from the full model on that batch).",
         "",
-        "| depth | DP | block influence | greedy | BI / DP | greedy / DP |",
-        "|---|---|---|---|---|---|",
+        "| depth | pack | DP alone | block influence | greedy | BI / pack | greedy / pack "
+        "| KL pack / DP / greedy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["depth"]:
         lines.append(
-            f"| {r['depth']} | {r['dp']:.2f} | {r['block_influence']:.2f} | {r['greedy']:.2f} | "
-            f"{r['block_influence'] / r['dp']:.2f} | {r['greedy'] / r['dp']:.2f} |"
+            f"| {r['depth']} | {r['pack']:.2f} | {_num(r['dp'])} | {r['block_influence']:.2f} | "
+            f"{r['greedy']:.2f} | {r['block_influence'] / r['pack']:.2f} | "
+            f"{r['greedy'] / r['pack']:.2f} | {r['pack_kl']:.3f} / {_num(r.get('dp_kl'), 3)} / "
+            f"{r['greedy_kl']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
