@@ -417,13 +417,33 @@ class Outlook:
         self.horizon = max(1.0, sum(r.remaining for r in everyone) / max(1, len(everyone)))
         self.heavy = min(self.horizon, math.ceil(pending / per_step))  # steps carrying prefill
         self.queue = _queue(state, now, per_step)
+        # a decode step that also prefills one typical new prompt
+        prompt = round(state.mean_prompt_tokens) if state.arrival_rate > 0 else 0
+        self.rate = state.arrival_rate
+        self.with_prompt = replace(
+            self.decode_step,
+            rows=self.decode_step.rows + 1,
+            tokens=self.decode_step.tokens + prompt,
+            attn=self.decode_step.attn + attn_pairs(prompt, 0),
+        )
 
     def forecast(self, cap: ShapeSpec) -> Forecast:
-        """Step times if every unpinned request moves under `cap` (new ones arrive at it)."""
+        """Step times if every unpinned request moves under `cap` (new ones arrive at it).
+
+        The prompts arriving while the running requests decode are prefilled in their steps: if
+        each costs `e` seconds more than a decode step and they come at rate `r`, a share `r e`
+        of the time goes to them and the decodes stretch by 1 / (1 - r e). `e` is the profile's
+        fitted cost: the online correction, which folds in what a server does between steps,
+        scales a step, not a prompt's tokens.
+        """
         if not self.next_step.rows:
             return Forecast(0.0, 0.0, 0.0)
         prefill, decode = self._predict(self.next_step, cap), self._predict(self.decode_step, cap)
         tpot = (self.heavy * prefill + (self.horizon - self.heavy) * decode) / self.horizon
+        if self.with_prompt.tokens > self.decode_step.tokens:
+            extra = self._raw(self.with_prompt, cap) - self._raw(self.decode_step, cap)
+            busy = self.rate * max(0.0, extra)
+            tpot = tpot / (1.0 - busy) if busy < 1.0 else math.inf
         return Forecast(prefill, decode, tpot)
 
     def ttft(self, wait: tuple[RequestView, float, int, int], f: Forecast) -> float:
@@ -432,8 +452,14 @@ class Outlook:
         return elapsed + prefill_steps * f.prefill_step_s + slot_steps * f.decode_step_s
 
     def _predict(self, rows: _Rows, cap: ShapeSpec) -> float:
+        return self.model.predict(self._load(rows, cap))
+
+    def _raw(self, rows: _Rows, cap: ShapeSpec) -> float:
+        return self.model.raw(self._load(rows, cap))
+
+    def _load(self, rows: _Rows, cap: ShapeSpec) -> StepLoad:
         shape = self.grid.envelope([cap.id, *(self.grid.fit(v, cap) for v in rows.kinds)])
-        return self.model.predict(StepLoad(shape.name, rows.rows, rows.tokens, rows.attn))
+        return StepLoad(shape.name, rows.rows, rows.tokens, rows.attn)
 
 
 def _rows(grid: Grid, rows: Sequence[tuple[RequestView, int, int]]) -> _Rows:

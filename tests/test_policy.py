@@ -13,8 +13,10 @@ import pytest
 from elasticserve.policy import (
     SLO,
     Decision,
+    Grid,
     LoadState,
     LoadTracker,
+    Outlook,
     PolicyConfig,
     Refuse,
     RequestView,
@@ -240,6 +242,29 @@ def test_refuses_only_when_even_the_smallest_shape_misses():
     for name in ("fixed", "load"):  # only `slo` refuses
         other = make_policy(name, SPECS, cost_model())
         assert isinstance(other.admit(view("late", running=False), state(busy, queue), 0.0), int)
+
+
+def test_tpot_forecast_stretches_by_the_prefill_of_arriving_prompts():
+    model, busy = cost_model(alpha=1.0), [view(f"r{i}") for i in range(8)]
+    quiet = Outlook(Grid(SPECS), model, state(busy), 0.0).forecast(FULL)
+    rush = state(busy, arrival_rate=20.0, mean_prompt_tokens=32)
+    stretched = Outlook(Grid(SPECS), model, rush, 0.0).forecast(FULL)
+    decode = [(FULL.shape, 1, 36)] * 8
+    extra = model.raw(step_load([*decode, (FULL.shape, 32, 0)])) - model.raw(step_load(decode))
+    assert 0 < 20.0 * extra < 1
+    assert stretched.tpot_s == pytest.approx(quiet.tpot_s / (1 - 20.0 * extra))
+    assert stretched.decode_step_s == quiet.decode_step_s  # the next steps themselves: as before
+    flood = state(busy, arrival_rate=1 / extra, mean_prompt_tokens=32)  # prefill takes all time
+    assert Outlook(Grid(SPECS), model, flood, 0.0).forecast(FULL).tpot_s == float("inf")
+    model.observe(step_load(decode), 2 * quiet.decode_step_s)  # this machine runs slower now
+    slower = Outlook(Grid(SPECS), model, rush, 0.0).forecast(FULL)
+    assert slower.decode_step_s == pytest.approx(2 * quiet.decode_step_s)
+    # the correction scales the steps; a prompt's cost stays the fitted one, so the same stretch
+    assert slower.tpot_s == pytest.approx(slower.decode_step_s * stretched.tpot_s / quiet.tpot_s)
+    # the slo policy keeps full for the batch alone, and shrinks when the prompts keep coming
+    policy = slo_policy(tpot_ms=quiet.tpot_s * 1000 * 1.3)
+    assert policy.decide(state(busy), 0.0).step_shape == FULL.id
+    assert SPECS[policy.decide(rush, 0.1).step_shape].weight_fraction < 1.0
 
 
 def test_load_policy_follows_the_arrival_rate():
