@@ -115,6 +115,7 @@ class Refuse:
 
     retry_after_s: float
     reason: str
+    under_load: bool = True  # False: the request's SLO is out of reach even on an idle server
 
 
 class Overloaded(RuntimeError):
@@ -314,6 +315,7 @@ class ElasticPolicy(Policy):
         self.cap = self.grid.by_quality[0]
         self._grow_since: float | None = None
         self._grow_steps = 0
+        self._refused_at: float | None = None  # the last admission refused for load
 
     @property
     def keep_margin(self) -> float:
@@ -334,6 +336,14 @@ class ElasticPolicy(Policy):
         return Decision(self.cap.id, self.moves(state, self.cap))
 
     def _choose(self, state: LoadState, now: float) -> ShapeSpec:
+        refusing = (
+            self._refused_at is not None and now - self._refused_at < self.config.grow_after_s
+        )
+        if refusing and (state.running or state.waiting):
+            # even the smallest shape was predicted too slow for this queue: anything wider
+            # (say, once the queued requests are all past saving) lengthens what caused it
+            self._hold_reset()
+            return self.grid.smallest
         rank, pressure = self.grid.rank, self.pressures(state, now)
         seen: dict[int, float] = {}
 
@@ -539,7 +549,10 @@ class SloPolicy(ElasticPolicy):
         late_ttft = slo.ttft_ms is not None and ttft_s * 1000 > slo.ttft_ms
         late_tpot = slo.tpot_ms is not None and f.tpot_s * 1000 > slo.tpot_ms
         if late_ttft or late_tpot:
-            return self._refusal(request, state, now, slo, ttft_s if late_ttft else None, f)
+            refusal = self._refusal(request, state, now, slo, ttft_s if late_ttft else None, f)
+            if refusal.under_load:  # not one whose SLO no shape could meet
+                self._refused_at = now
+            return refusal
         return super().admit(request, state, now)
 
     def _targets(self, r: RequestView) -> tuple[float | None, float | None]:
@@ -579,6 +592,7 @@ class SloPolicy(ElasticPolicy):
             retry_after_s=float(max(1, math.ceil(wait))),
             reason=f"even the smallest shape {self.grid.smallest.name} is predicted to miss "
             f"the SLO {where} ({what})",
+            under_load=not hopeless,
         )
 
 

@@ -244,6 +244,26 @@ def test_refuses_only_when_even_the_smallest_shape_misses():
         assert isinstance(other.admit(view("late", running=False), state(busy, queue), 0.0), int)
 
 
+def test_while_refusing_for_load_the_cap_stays_smallest():
+    busy = [view(f"r{i}") for i in range(24)]
+    # a backlog already past its TTFT: it no longer pins the cap, so alone it lets the cap grow
+    late = [view(f"w{i}", running=False, prompt_tokens=512, arrival_time=-5.0) for i in range(40)]
+    backlog = state(busy, late)
+    fresh = slo_policy(ttft_ms=500.0, tpot_ms=100.0)
+    assert fresh.decide(backlog, 0.0).step_shape != SMALLEST.id
+    policy = slo_policy(ttft_ms=500.0, tpot_ms=100.0)
+    refused = policy.admit(view("new", running=False, arrival_time=0.0), backlog, 0.0)
+    assert isinstance(refused, Refuse) and refused.under_load
+    assert policy.decide(backlog, 0.5).step_shape == SMALLEST.id  # drain at full speed
+    # no refusal for grow_after_s: it grows back the usual way (held for a while)
+    grown = [policy.decide(backlog, 2.5 + 0.5 * k).step_shape for k in range(8)]
+    assert grown[0] == SMALLEST.id and grown[-1] != SMALLEST.id
+    # a request no shape could serve even alone says nothing about the load
+    hopeless = fresh.admit(view("x", running=False, slo=SLO(tpot_ms=0.5)), backlog, 3.0)
+    assert isinstance(hopeless, Refuse) and not hopeless.under_load
+    assert fresh.decide(backlog, 3.1).step_shape != SMALLEST.id
+
+
 def test_tpot_forecast_stretches_by_the_prefill_of_arriving_prompts():
     model, busy = cost_model(alpha=1.0), [view(f"r{i}") for i in range(8)]
     quiet = Outlook(Grid(SPECS), model, state(busy), 0.0).forecast(FULL)
