@@ -1,10 +1,12 @@
 """`fixed` (full), `fixed` (smallest) and `slo` on the default model, swept from light load to ~3x.
 
 Starts `elasticserve serve` on 127.0.0.1 (one `fixed` server serves both the full shape and,
-pinned by the model name, the smallest; then one `slo` server), measures the full shape's
-capacity with a closed loop, and sweeps Poisson request rates at `--mults` multiples of it with
-`elasticserve bench serve`'s machinery: unique prompt prefixes, streaming, SLO goodput, served
-shape mix and served perplexity. Each rate runs for about `--seconds`.
+pinned by the model name, the smallest; then one `slo` server). The full shape's SLO capacity
+is searched first: from a closed-loop probe's rate, Poisson rates rise by `--search-step` until
+fewer than 95 % of requests meet the SLO; the capacity is the highest rate that kept 95 %. Then
+every configuration is swept at `--mults` multiples of that capacity with `elasticserve bench
+serve`'s machinery: unique prompt prefixes, streaming, SLO goodput, served shape mix and served
+perplexity. Each rate runs for about `--seconds`.
 
 Writes bench/results/compare_policies/<config>/rate-*.json + summary.csv, the plots of
 `elasticserve bench plot`, and compare_policies.md (the table for BENCHMARKS.md).
@@ -48,10 +50,15 @@ def shapes(base: str) -> list[dict[str, Any]]:
 
 
 def sweep(
-    base: BenchConfig, rates: list[float], seconds: float, bodies: list[str], out: Path
+    base: BenchConfig,
+    rates: list[float],
+    seconds: float,
+    bodies: list[str],
+    out: Path,
+    keep: bool = False,
 ) -> list[dict[str, Any]]:
     """One run per rate (about `seconds` of arrivals each); their summaries, saved under `out`."""
-    for stale in out.glob("rate-*.json"):  # an earlier sweep's rates would join this one's CSV
+    for stale in [] if keep else out.glob("rate-*.json"):  # else they join this sweep's CSV
         stale.unlink()
     summaries = []
     for rate in rates:
@@ -72,10 +79,20 @@ def sweep(
     return summaries
 
 
-def slo_capacity(summaries: list[dict[str, Any]], attainment: float) -> float | None:
-    """The highest swept rate at which at least `attainment` % of requests met the SLO."""
-    ok = [float(s["request_rate"]) for s in summaries if s["slo_attainment_pct"] >= attainment]
-    return max(ok) if ok else None
+def search_capacity(
+    full: BenchConfig, start: float, step: float, seconds: float, bodies: list[str], out: Path
+) -> tuple[float, list[dict[str, Any]]]:
+    """The highest rate on `start`'s geometric ladder at which >= 95 % met the SLO; the runs."""
+    runs: list[dict[str, Any]] = []
+    rate = start
+    for _ in range(12):
+        runs += sweep(full, [round(rate, 3)], seconds, bodies, out, keep=bool(runs))
+        passed = [float(r["request_rate"]) for r in runs if r["slo_attainment_pct"] >= 95.0]
+        failed = [float(r["request_rate"]) for r in runs if r["slo_attainment_pct"] < 95.0]
+        if passed and failed and min(failed) > max(passed):
+            return max(passed), runs
+        rate = rate * step if not failed else rate / step
+    raise RuntimeError(f"no SLO capacity found from {start:.2f} req/s: {runs}")
 
 
 def table(results: dict[str, list[dict[str, Any]]], capacity: float) -> str:
@@ -99,7 +116,8 @@ def table(results: dict[str, list[dict[str, Any]]], capacity: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mults", default="0.5,1,1.5,2,3", help="multiples of full capacity")
+    parser.add_argument("--mults", default="0.5,1,1.5,2,3", help="multiples of SLO capacity")
+    parser.add_argument("--search-step", type=float, default=1.25, help="capacity search ratio")
     parser.add_argument("--seconds", type=float, default=20.0, help="arrivals per rate")
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
@@ -125,9 +143,13 @@ def main() -> None:
         )
         full = replace(base, model=f"{NAME}@full")
         probe = with_unique_prefixes(bodies)
-        capacity = asyncio.run(probe_capacity(full, probe, args.probe_concurrency, 15.0))
+        probed = asyncio.run(probe_capacity(full, probe, args.probe_concurrency, 15.0))
+        print(f"full shape, closed loop ({args.probe_concurrency} streams): {probed:.2f} req/s")
+        capacity, search = search_capacity(
+            full, probed, args.search_step, args.seconds, bodies, out / "capacity-search"
+        )
+        print(f"full shape's SLO capacity (>= 95% within SLO): {capacity:.2f} req/s")
         rates = [round(m * capacity, 3) for m in mults]
-        print(f"full-shape capacity ({args.probe_concurrency} streams): {capacity:.2f} req/s")
         results["fixed-full"] = sweep(full, rates, args.seconds, bodies, out / "fixed-full")
         small = replace(base, model=f"{NAME}@{smallest}")
         results["fixed-smallest"] = sweep(
@@ -139,12 +161,14 @@ def main() -> None:
         results["slo"] = sweep(base, rates, args.seconds, bodies, out / "slo")
 
     plots = plot_runs([out / c for c in results], out)
-    within = slo_capacity(results["fixed-full"], 95.0)
     text = table(results, capacity)
     meta = {
         "args": vars(args),
-        "probe_capacity_rps": capacity,
-        "fixed_full_slo_capacity_rps": within,
+        "probe_capacity_rps": probed,
+        "fixed_full_slo_capacity_rps": capacity,
+        "capacity_search": [
+            {k: s[k] for k in ("request_rate", "slo_attainment_pct", "goodput")} for s in search
+        ],
         "smallest": smallest,
     }
     (out / "compare_policies.json").write_text(
@@ -152,7 +176,7 @@ def main() -> None:
     )
     (out / "compare_policies.md").write_text(text)
     print(text)
-    print(f"fixed-full keeps >= 95% within the SLO up to {within} req/s (swept rates)")
+    print(f"rates are multiples of the full shape's SLO capacity, {capacity:.2f} req/s")
     print("plots: " + ", ".join(str(p) for p in plots))
 
 
