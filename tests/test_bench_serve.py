@@ -26,7 +26,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from elasticserve.bench.cli import register, table_row
 from elasticserve.bench.datasets import prompt_bodies, text_files, with_unique_prefixes
-from elasticserve.bench.local import free_port, probe_capacity, running_server
+from elasticserve.bench.local import (
+    free_port,
+    probe_capacity,
+    running_server,
+    search_slo_capacity,
+)
 from elasticserve.bench.serve import (
     BenchConfig,
     RequestResult,
@@ -170,6 +175,26 @@ def test_arrivals_are_seeded_and_inf_sends_all_at_once() -> None:
 
 
 # --- metric arithmetic ------------------------------------------------------------------------
+
+
+def test_slo_capacity_search_climbs_or_descends_the_ladder() -> None:
+    def server(limit: float) -> Callable[[float], dict[str, float]]:
+        def run(rate: float) -> dict[str, float]:
+            tried.append(rate)
+            return {"request_rate": rate, "slo_attainment_pct": 100.0 if rate <= limit else 40.0}
+
+        return run
+
+    tried: list[float] = []
+    capacity, runs = search_slo_capacity(server(7.3), 3.0, step=1.25)
+    assert tried == [3.0, 3.75, 4.688, 5.859, 7.324] and capacity == 5.859 and len(runs) == 5
+    tried.clear()
+    capacity, _ = search_slo_capacity(server(2.0), 3.0, step=1.25)
+    assert tried == [3.0, 2.4, 1.92] and capacity == 1.92
+    with pytest.raises(RuntimeError, match="no SLO capacity"):
+        search_slo_capacity(server(math.inf), 1.0, tries=3)
+    with pytest.raises(ValueError, match="step"):
+        search_slo_capacity(server(1.0), 1.0, step=1.0)
 
 
 def test_latency_stats_match_hand_computed_percentiles() -> None:

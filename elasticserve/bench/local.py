@@ -1,4 +1,4 @@
-"""Benchmarks against servers started on this machine: start, wait for health, probe capacity.
+"""Benchmarks against servers started on this machine: start, wait for health, find capacity.
 
 Used by the scripts under bench/ that compare policies or peer servers in one run.
 """
@@ -10,7 +10,8 @@ import contextlib
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import httpx
 
@@ -84,3 +85,30 @@ async def probe_capacity(
 
         await asyncio.gather(*(loop(k) for k in range(streams)))
     return done / (time.perf_counter() - t0)
+
+
+def search_slo_capacity(
+    run: Callable[[float], Mapping[str, Any]],
+    start: float,
+    step: float = 1.25,
+    attainment: float = 95.0,
+    tries: int = 12,
+) -> tuple[float, list[Mapping[str, Any]]]:
+    """The highest rate on `start`'s geometric ladder at which >= `attainment` % met the SLO.
+
+    `run(rate)` measures one open-loop rate and returns its summary (`request_rate`,
+    `slo_attainment_pct`). Rates rise by `step` while runs pass and fall by it while they fail,
+    until a passing rate sits below every failing one. Returns the capacity and the summaries.
+    """
+    if step <= 1.0:
+        raise ValueError(f"step must be > 1, got {step}")
+    runs: list[Mapping[str, Any]] = []
+    rate = start
+    for _ in range(tries):
+        runs.append(run(round(rate, 3)))
+        passed = [float(r["request_rate"]) for r in runs if r["slo_attainment_pct"] >= attainment]
+        failed = [float(r["request_rate"]) for r in runs if r["slo_attainment_pct"] < attainment]
+        if passed and failed and min(failed) > max(passed):
+            return max(passed), runs
+        rate = rate * step if not failed else rate / step
+    raise RuntimeError(f"no SLO capacity found in {tries} runs from {start:.2f} req/s")
