@@ -110,12 +110,19 @@ def default_hf_dir() -> Path:
     return resolve_model_dir(None)
 
 
-def server_cmd(peer: str, port: int, policy: str = "fixed") -> tuple[list[str], dict[str, str]]:
-    """The command and environment that serve the default model as `peer` on `port`."""
+def server_cmd(
+    peer: str, port: int, policy: str = "fixed", slo: tuple[float, float] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that serve the default model as `peer` on `port`.
+
+    `slo` (TTFT, TPOT in ms) is the target elasticserve's `slo` policy serves to.
+    """
     env = dict(os.environ)
     if peer == "elasticserve":
         cmd = [sys.executable, "-m", "elasticserve.cli", "serve", "--port", str(port)]
         cmd += ["--served-model-name", NAME, "--policy", policy, "--log-level", "warning"]
+        if slo is not None:
+            cmd += ["--slo-ttft-ms", str(slo[0]), "--slo-tpot-ms", str(slo[1])]
         return cmd, env
     if peer == "llamacpp":
         cmd = [str(venv_python("llamacpp")), "-m", "llama_cpp.server"]
@@ -140,7 +147,10 @@ def measure(
 ) -> dict[str, Any]:
     """Batch-1 and 8-stream tokens/s, and (given a rate) goodput under overload, of one server."""
     port = free_port()
-    cmd, env = server_cmd(peer, port, policy="slo" if overload_rps else "fixed")
+    if overload_rps is None:
+        cmd, env = server_cmd(peer, port)
+    else:
+        cmd, env = server_cmd(peer, port, "slo", (args.slo_ttft_ms, args.slo_tpot_ms))
     health = "/health" if peer != "llamacpp" else "/v1/models"
     row: dict[str, Any] = {"server": peer}
     log = str(PEERS / f"{peer}.serve.log") if PEERS.exists() else None
