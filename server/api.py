@@ -699,6 +699,11 @@ def _load_engine(args: argparse.Namespace) -> tuple[Any, AsyncLLMEngine, Any]:
         name=args.served_model_name,
     )
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    if args.policy == "slo" and slo == SLO():
+        log.warning(
+            "--policy slo without --slo-ttft-ms/--slo-tpot-ms: only requests that carry their "
+            "own `slo` give the policy a target to shrink for"
+        )
     policy, profile = policy_for(bundle, args.policy, slo, pack_dir=args.pack)
     if profile is None and args.policy != "fixed":
         log.warning(
