@@ -30,6 +30,7 @@ import httpx
 
 from elasticserve.bench.datasets import prompt_bodies, with_unique_prefixes
 from elasticserve.bench.local import (
+    capacity_record,
     free_port,
     probe_capacity,
     running_server,
@@ -156,15 +157,7 @@ def main() -> None:
 
     plots = plot_runs([out / c for c in results], out)
     text = table(results, capacity)
-    meta = {
-        "args": vars(args),
-        "probe_capacity_rps": probed,
-        "fixed_full_slo_capacity_rps": capacity,
-        "capacity_search": [
-            {k: s[k] for k in ("request_rate", "slo_attainment_pct", "goodput")} for s in search
-        ],
-        "smallest": smallest,
-    }
+    meta = {"args": vars(args), **capacity_record(probed, capacity, search), "smallest": smallest}
     (out / "compare_policies.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=1) + "\n"
     )

@@ -32,6 +32,7 @@ from typing import Any
 
 from elasticserve.bench.datasets import prompt_bodies, with_unique_prefixes
 from elasticserve.bench.local import (
+    capacity_record,
     free_port,
     probe_capacity,
     running_server,
@@ -257,11 +258,7 @@ def compare(args: argparse.Namespace) -> None:
     out = ROOT / "bench" / "results"
     meta = {
         "args": vars(args),
-        "probe_capacity_rps": probed,
-        "slo_capacity_rps": capacity,
-        "capacity_search": [
-            {k: s[k] for k in ("request_rate", "slo_attainment_pct", "goodput")} for s in search
-        ],
+        **capacity_record(probed, capacity, search),
         "overload_rps": overload,
     }
     (out / "peers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -112,3 +112,15 @@ def search_slo_capacity(
             return max(passed), runs
         rate = rate * step if not failed else rate / step
     raise RuntimeError(f"no SLO capacity found in {tries} runs from {start:.2f} req/s")
+
+
+def capacity_record(
+    probed: float, capacity: float, runs: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """What a capacity search found, for a results file: the probe, the capacity, each rate."""
+    keys = ("request_rate", "slo_attainment_pct", "goodput")
+    return {
+        "probe_capacity_rps": probed,
+        "slo_capacity_rps": capacity,
+        "capacity_search": [{k: r[k] for k in keys} for r in runs],
+    }
