@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -32,12 +31,13 @@ from elasticserve.bench.datasets import prompt_bodies, with_unique_prefixes
 from elasticserve.bench.local import (
     capacity_record,
     free_port,
+    open_loop,
     probe_capacity,
     running_server,
     search_slo_capacity,
 )
 from elasticserve.bench.plot import plot_runs
-from elasticserve.bench.serve import BenchConfig, run_benchmark, save_run, summarize, write_csv
+from elasticserve.bench.serve import BenchConfig, save_run, write_csv
 
 OUT = Path("bench/results/compare_policies")
 NAME = "smollm2-135m"
@@ -68,11 +68,7 @@ def sweep(
         stale.unlink()
     summaries = []
     for rate in rates:
-        num = max(20, math.ceil(rate * seconds))
-        cfg = replace(base, request_rate=rate, num_prompts=num)
-        prompts = with_unique_prefixes(bodies[:num])
-        results, duration, shape_ppl = asyncio.run(run_benchmark(cfg, prompts, progress=False))
-        summary = summarize(cfg, results, duration, shape_ppl)
+        cfg, results, summary = open_loop(base, rate, seconds, bodies)
         save_run(out, cfg, summary, results)
         write_csv(out)
         summaries.append(summary)

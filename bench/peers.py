@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from elasticserve.bench.datasets import prompt_bodies, with_unique_prefixes
 from elasticserve.bench.local import (
     capacity_record,
     free_port,
+    open_loop,
     probe_capacity,
     running_server,
     search_slo_capacity,
@@ -166,7 +166,7 @@ def measure(
             row[f"failed_{streams}"] = s["failed"]
             print(f"  {peer}: {streams} stream(s) {s['output_throughput']:.1f} tok/s", flush=True)
         if overload_rps is not None:
-            s = open_loop(cfg, overload_rps, args.overload_seconds, bodies)
+            s = open_loop(cfg, overload_rps, args.overload_seconds, bodies)[2]
             row |= {
                 "overload_rps": overload_rps,
                 "goodput": s["goodput"],
@@ -183,20 +183,11 @@ def measure(
     return row
 
 
-def open_loop(cfg: BenchConfig, rate: float, seconds: float, bodies: list[str]) -> dict[str, Any]:
-    """One run of Poisson arrivals at `rate` for about `seconds`: its summary."""
-    num = max(20, math.ceil(rate * seconds))
-    run = replace(cfg, request_rate=rate, num_prompts=num)
-    prompts = with_unique_prefixes(bodies[:num])
-    results, duration, ppl = asyncio.run(run_benchmark(run, prompts, progress=False))
-    return summarize(run, results, duration, ppl)
-
-
 def search_run(cfg: BenchConfig, seconds: float, bodies: list[str]) -> Callable[[float], Any]:
     """`open_loop` at a rate, printed: one step of the capacity search."""
 
     def run(rate: float) -> dict[str, Any]:
-        s = open_loop(cfg, rate, seconds, bodies)
+        s = open_loop(cfg, rate, seconds, bodies)[2]
         print(
             f"  capacity search {rate:.2f} req/s: {s['slo_attainment_pct']:.1f}% within SLO",
             flush=True,

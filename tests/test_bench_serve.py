@@ -28,6 +28,7 @@ from elasticserve.bench.cli import register, table_row
 from elasticserve.bench.datasets import prompt_bodies, text_files, with_unique_prefixes
 from elasticserve.bench.local import (
     free_port,
+    open_loop,
     probe_capacity,
     running_server,
     search_slo_capacity,
@@ -357,3 +358,14 @@ def test_probe_capacity_counts_completed_requests_of_a_closed_loop() -> None:
     # each of the 2 streams waits for the fake's first chunk and 7 more tokens per request
     per_request = Fake().first_delay + 7 * Fake().token_delay
     assert 0.3 * 2 / per_request < rate <= 2 / per_request * 1.05
+
+
+def test_open_loop_sends_at_least_twenty_uniquely_prefixed_requests() -> None:
+    fake = Fake()
+    with serving(fake) as url:
+        cfg, results, summary = open_loop(
+            BenchConfig(url, "m", output_len=4), 40.0, 0.1, ["a"] * 30
+        )
+    assert cfg.request_rate == 40.0 and cfg.num_prompts == 20 and len(results) == 20
+    assert summary["completed"] == 20 and all(r.ok for r in results)
+    assert len({body["prompt"] for body in fake.bodies}) == 20  # the same body, 20 prefixes

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx
 
-from .serve import BenchConfig, send_request
+from .datasets import with_unique_prefixes
+from .serve import BenchConfig, RequestResult, run_benchmark, send_request, summarize
 
 
 def free_port() -> int:
@@ -85,6 +88,20 @@ async def probe_capacity(
 
         await asyncio.gather(*(loop(k) for k in range(streams)))
     return done / (time.perf_counter() - t0)
+
+
+def open_loop(
+    base: BenchConfig, rate: float, seconds: float, bodies: list[str]
+) -> tuple[BenchConfig, list[RequestResult], dict[str, Any]]:
+    """One run of Poisson arrivals at `rate` for about `seconds`: config, results, summary.
+
+    At least 20 requests; each prompt gets a unique prefix (no prefix-cache hits).
+    """
+    num = max(20, math.ceil(rate * seconds))
+    cfg = replace(base, request_rate=rate, num_prompts=num)
+    prompts = with_unique_prefixes(bodies[:num])
+    results, duration, shape_ppl = asyncio.run(run_benchmark(cfg, prompts, progress=False))
+    return cfg, results, summarize(cfg, results, duration, shape_ppl)
 
 
 def search_slo_capacity(
