@@ -93,12 +93,11 @@ class LLMEngine:
         max_len = bundle.max_model_len
         memory = config.kv_cache_memory
         if memory is None:
-            per_token = kv_cache.block_bytes(cfg, 1, model.dtype) * cfg.num_layers
+            per_token = kv_cache.block_bytes(cfg, 1, model.cache_dtype) * cfg.num_layers
             memory = min(2**30, per_token * max_len * max(4, config.max_num_seqs // 4))
-        num_blocks = kv_cache.num_blocks_for(cfg, memory, config.block_size, model.dtype, max_len)
-        self.cache = kv_cache.allocate(
-            cfg, num_blocks, config.block_size, model.dtype, model.device
-        )
+        dtype = model.cache_dtype
+        num_blocks = kv_cache.num_blocks_for(cfg, memory, config.block_size, dtype, max_len)
+        self.cache = kv_cache.allocate(cfg, num_blocks, config.block_size, dtype, model.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(

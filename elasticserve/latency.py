@@ -257,7 +257,7 @@ def _profile_engine(
     cfg, model = bundle.config, bundle.model
     block = 16
     longest = max(context) + decode_steps + 2
-    per_token = kv_cache.block_bytes(cfg, 1, model.dtype) * cfg.num_layers
+    per_token = kv_cache.block_bytes(cfg, 1, model.cache_dtype) * cfg.num_layers
     tokens = max(bundle.max_model_len, (max_batch + 2) * (longest + 2 * block))
     budget = max(512, (max_batch + 1) * max(context))
     config = EngineConfig(

@@ -33,7 +33,9 @@ class SeqChunk:
 @dataclass
 class DecodePlan:
     rows: torch.Tensor  # [B] layer-local rows that decode one token
-    slots: torch.Tensor  # [B, L] cache slots of each row's context (padded)
+    blocks: torch.Tensor  # [B, ceil(L / block_size)] cache blocks of each row's context (padded)
+    block_size: int
+    length: int  # L: the longest context; a row's first L slots of its blocks are read
     mask: torch.Tensor | None  # [B, 1, 1, L] True where the slot is in the row's context
 
 
@@ -154,7 +156,8 @@ class _DecodeSlots:
     """
 
     index: dict[int, int]  # sorted chunk -> its row in the tensors below
-    slots: torch.Tensor  # [D, num_layers, L] context slots, padded (0 where a layer is not kept)
+    blocks: torch.Tensor  # [D, num_layers, W] context blocks, padded (0 where a layer is not kept)
+    block_size: int
     written: torch.Tensor  # [D, num_layers] the slot of each chunk's new token
     lens: list[int]  # [D] context lengths
     mask: torch.Tensor | None  # [D, 1, 1, L] True where the slot is in context; None: all equal
@@ -185,7 +188,8 @@ class _DecodeSlots:
         if min(lens) < longest:  # SDPA is faster without a mask: pad only when lengths differ
             valid = torch.arange(longest, device=device)[None, :] <= last[:, None]
             mask = valid[:, None, None, :]
-        return cls({j: d for d, j in enumerate(decoding)}, slots, written, lens, mask)
+        index = {j: d for d, j in enumerate(decoding)}
+        return cls(index, table, block_size, written, lens, mask)
 
     def plan(
         self, layer: int, rows: list[int], ds: list[int], device: torch.device | str
@@ -197,7 +201,7 @@ class _DecodeSlots:
             pick = torch.tensor(ds, device=device)
         lens = [self.lens[d] for d in ds]
         longest = max(lens)
-        slots = self.slots[pick, layer, :longest]
+        blocks = self.blocks[pick, layer, : -(-longest // self.block_size)]
         mask = None
         if min(lens) < longest:  # these chunks' lengths differ, so the step's did: a mask exists
             assert self.mask is not None
@@ -205,7 +209,7 @@ class _DecodeSlots:
         key = tuple(rows)
         if key not in self.rows:  # most layers decode the same rows
             self.rows[key] = torch.tensor(rows, device=device)
-        return DecodePlan(self.rows[key], slots, mask)
+        return DecodePlan(self.rows[key], blocks, self.block_size, longest, mask)
 
 
 def _plan_layer(

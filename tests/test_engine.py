@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from elasticserve import LLM, EngineConfig, SamplingParams
 from elasticserve.bundle import load_bundle
@@ -126,3 +128,30 @@ def test_llm_generate_reports_shapes_and_keeps_order(tiny_llama_dir):
     assert llm.shapes[0].name == "d6-w1.0" and llm.shapes[0].weight_fraction == 1.0
     with pytest.raises(ValueError, match="3 values for 4 prompts"):
         llm.generate(TEXTS, shape=SHAPES[:3])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_over_paged_cache_matches_transformers(tiny_llama_dir, tokenizer, dtype):
+    """Rows of different lengths decode together over scattered 8-token blocks; every chosen
+    token's log-prob equals transformers' on the same tokens (the cache is fp32 on CPU)."""
+    torch_dtype = getattr(torch, dtype)
+    bundle = load_bundle(tiny_llama_dir, dtype=dtype)
+    engine = LLMEngine(bundle, EngineConfig(block_size=8))
+    assert engine.cache.dtype == torch.float32
+    prompts = [tokenizer(" ".join([t] * (1 + i)))["input_ids"] for i, t in enumerate(TEXTS[:3])]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished_requests():
+        done |= {o.request_id: o.outputs[0] for o in engine.step() if o.finished}
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch_dtype)
+    tolerance = 1e-3 if dtype == "float32" else 5e-2
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        out = done[request_id]
+        tokens = torch.tensor([prompt + list(out.token_ids)])
+        with torch.inference_mode():
+            ref = hf(tokens).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+        chosen = ref.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        pairs = zip(out.logprobs, out.token_ids, strict=True)
+        ours = torch.tensor([entry[t] for entry, t in pairs])
+        assert (ours - chosen).abs().max().item() <= tolerance
