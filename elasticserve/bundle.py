@@ -90,10 +90,11 @@ def load_bundle(
     config, hf_config = load_config(model_dir)
     state = load_state_dict(model_dir)
     fingerprint = model_fingerprint(config, state)
-    name = name or served_name(model)
+    own_name = served_name(model)
+    name = name or own_name
     pack_dir: Path | None = None
-    if pack is None:
-        pack_dir = default_pack_path(name) if model is None else None
+    if pack is None:  # the default model's own pack, whatever name it is served under
+        pack_dir = default_pack_path(own_name) if model is None else None
         pack = Pack.load(pack_dir) if pack_dir else identity_pack(config, fingerprint)
     elif not isinstance(pack, Pack):
         pack_dir = Path(pack)

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from elasticserve import LLM, SamplingParams
+from elasticserve.bundle import load_bundle
 
 from .conftest import requires_default_model
 from .helpers import prefill_logits
@@ -47,3 +48,12 @@ def test_every_shape_generates(llm):
     outs = llm.generate(["It was a dark and stormy night"] * len(shapes), params, shape=shapes)
     assert [o.shape for o in outs] == shapes
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+
+
+def test_served_model_name_keeps_the_default_pack(llm):
+    """`--served-model-name` renames the model; it must not swap its pack for the identity one."""
+    alias = load_bundle(dtype="float32", name="my-alias", lora=False)
+    assert alias.name == "my-alias"
+    grid = [(s.name, s.layers, s.heads, s.mlp) for s in llm.bundle.specs]
+    assert [(s.name, s.layers, s.heads, s.mlp) for s in alias.specs] == grid
+    assert alias.pack.fingerprint == llm.bundle.pack.fingerprint
