@@ -157,7 +157,7 @@ def _kv_layout(vk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Gathered V/K, permuted to [2, ..., kv, L, hd], as SDPA takes them.
 
     On CPU, where the cache is kept in the attention dtype, the permuted view itself: the fp32
-    SDPA reads strided key rows well, and with the block gather decode attention runs 1.2-1.65x
+    SDPA reads strided key rows well, and with the block gather decode attention runs 1.1-1.7x
     faster than over a converted contiguous copy of a bf16 cache (bench/bench_cpu_ops.py).
     Elsewhere one contiguous copy in `dtype`.
     """
@@ -172,7 +172,7 @@ def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype attention and the KV cache use: fp32 on CPU, whose bf16/fp16 SDPA is 2.8-5x
+    """The dtype attention and the KV cache use: fp32 on CPU, whose bf16/fp16 SDPA is 1.9-5x
     slower than its fp32 one (bench/bench_cpu_ops.py); else the model's."""
     return torch.float32 if device.type == "cpu" else dtype
 
