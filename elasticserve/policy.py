@@ -155,12 +155,16 @@ class LoadTracker:
         self.window_s = window_s
         self.smoothing = smoothing
         self._arrivals: deque[float] = deque()
+        self._busy_since = 0.0  # the first arrival after the window last ran empty
         self.mean_prompt_tokens = 0.0
         self.mean_output_tokens = 0.0
         self._outputs_seen = False
 
     def arrive(self, now: float, prompt_tokens: int, max_tokens: int) -> None:
         """Record an admitted request."""
+        self.rate(now)  # forget what left the window
+        if not self._arrivals:
+            self._busy_since = now
         self._arrivals.append(now)
         first = len(self._arrivals) == 1 and self.mean_prompt_tokens == 0.0
         self.mean_prompt_tokens = self._mix(self.mean_prompt_tokens, prompt_tokens, first)
@@ -174,10 +178,13 @@ class LoadTracker:
         self.mean_output_tokens = self._mix(self.mean_output_tokens, output_tokens, first)
 
     def rate(self, now: float) -> float:
-        """Arrivals per second over the last `window_s`."""
+        """Arrivals per second over the last `window_s`, or since a burst after a quiet spell
+        began if that is shorter (at least a second): the first seconds of a spike count as
+        the spike's rate, not a third of it."""
         while self._arrivals and self._arrivals[0] <= now - self.window_s:
             self._arrivals.popleft()
-        return len(self._arrivals) / self.window_s
+        span = min(self.window_s, max(1.0, now - self._busy_since))
+        return len(self._arrivals) / span
 
     def _mix(self, mean: float, value: float, first: bool) -> float:
         return float(value) if first else mean + self.smoothing * (value - mean)
@@ -442,16 +449,16 @@ class Outlook:
 
         The prompts arriving while the running requests decode are prefilled in their steps: if
         each costs `e` seconds more than a decode step and they come at rate `r`, a share `r e`
-        of the time goes to them and the decodes stretch by 1 / (1 - r e). `e` is the profile's
-        fitted cost: the online correction, which folds in what a server does between steps,
-        scales a step, not a prompt's tokens.
+        of the time goes to them and the decodes stretch by 1 / (1 - r e). `e` is corrected
+        online like a step: a machine running slower than its profile (a shared VM's slow
+        spells run 1.5-2x) is slower at prompts too, and near r e = 1 the stretch is steep.
         """
         if not self.next_step.rows:
             return Forecast(0.0, 0.0, 0.0)
         prefill, decode = self._predict(self.next_step, cap), self._predict(self.decode_step, cap)
         tpot = (self.heavy * prefill + (self.horizon - self.heavy) * decode) / self.horizon
         if self.with_prompt.tokens > self.decode_step.tokens:
-            extra = self._raw(self.with_prompt, cap) - self._raw(self.decode_step, cap)
+            extra = self._predict(self.with_prompt, cap) - self._predict(self.decode_step, cap)
             busy = self.rate * max(0.0, extra)
             tpot = tpot / (1.0 - busy) if busy < 1.0 else math.inf
         return Forecast(prefill, decode, tpot)
@@ -463,9 +470,6 @@ class Outlook:
 
     def _predict(self, rows: _Rows, cap: ShapeSpec) -> float:
         return self.model.predict(self._load(rows, cap))
-
-    def _raw(self, rows: _Rows, cap: ShapeSpec) -> float:
-        return self.model.raw(self._load(rows, cap))
 
     def _load(self, rows: _Rows, cap: ShapeSpec) -> StepLoad:
         shape = self.grid.envelope([cap.id, *(self.grid.fit(v, cap) for v in rows.kinds)])

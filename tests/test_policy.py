@@ -279,8 +279,9 @@ def test_tpot_forecast_stretches_by_the_prefill_of_arriving_prompts():
     model.observe(step_load(decode), 2 * quiet.decode_step_s)  # this machine runs slower now
     slower = Outlook(Grid(SPECS), model, rush, 0.0).forecast(FULL)
     assert slower.decode_step_s == pytest.approx(2 * quiet.decode_step_s)
-    # the correction scales the steps; a prompt's cost stays the fitted one, so the same stretch
-    assert slower.tpot_s == pytest.approx(slower.decode_step_s * stretched.tpot_s / quiet.tpot_s)
+    # the correction scales the steps and the prompts' cost alike: twice the share of the time
+    assert 20.0 * 2 * extra < 1
+    assert slower.tpot_s == pytest.approx(2 * quiet.tpot_s / (1 - 20.0 * 2 * extra))
     # the slo policy keeps full for the batch alone, and shrinks when the prompts keep coming
     policy = slo_policy(tpot_ms=quiet.tpot_s * 1000 * 1.3)
     assert policy.decide(state(busy), 0.0).step_shape == FULL.id
@@ -309,8 +310,12 @@ def test_load_tracker_rate_and_sizes():
     tracker = LoadTracker(window_s=5.0)
     for i in range(10):
         tracker.arrive(i * 0.1, prompt_tokens=20, max_tokens=100)
-    assert tracker.rate(1.0) == pytest.approx(2.0)
+    assert tracker.rate(1.0) == pytest.approx(10.0)  # a burst from quiet: its own rate
+    assert tracker.rate(3.0) == pytest.approx(10 / 3)  # its arrivals, over the time since
     assert tracker.rate(7.0) == 0.0
+    for i in range(40):  # steady, 2 a second, from t = 10
+        tracker.arrive(10 + i * 0.5, prompt_tokens=20, max_tokens=100)
+    assert tracker.rate(29.75) == pytest.approx(2.0)  # 10 in the last 5 s window
     assert tracker.mean_output_tokens == pytest.approx(100)
     tracker.finish(10)
     assert tracker.mean_output_tokens == pytest.approx(10)  # observed lengths replace the guess
