@@ -155,7 +155,7 @@ class LoadTracker:
         self.window_s = window_s
         self.smoothing = smoothing
         self._arrivals: deque[float] = deque()
-        self._busy_since = 0.0  # the first arrival after the window last ran empty
+        self._burst_start = 0.0  # the first arrival after the window last ran empty
         self.mean_prompt_tokens = 0.0
         self.mean_output_tokens = 0.0
         self._outputs_seen = False
@@ -164,7 +164,7 @@ class LoadTracker:
         """Record an admitted request."""
         self.rate(now)  # forget what left the window
         if not self._arrivals:
-            self._busy_since = now
+            self._burst_start = now
         self._arrivals.append(now)
         first = len(self._arrivals) == 1 and self.mean_prompt_tokens == 0.0
         self.mean_prompt_tokens = self._mix(self.mean_prompt_tokens, prompt_tokens, first)
@@ -183,7 +183,7 @@ class LoadTracker:
         the spike's rate, not a third of it."""
         while self._arrivals and self._arrivals[0] <= now - self.window_s:
             self._arrivals.popleft()
-        span = min(self.window_s, max(1.0, now - self._busy_since))
+        span = min(self.window_s, max(1.0, now - self._burst_start))
         return len(self._arrivals) / span
 
     def _mix(self, mean: float, value: float, first: bool) -> float:

@@ -149,7 +149,7 @@ def _is_decode(c: SeqChunk) -> bool:
 
 @dataclass
 class _DecodeSlots:
-    """Cache slots of every decoding chunk in every layer, computed in one go for the step.
+    """Cache blocks of every decoding chunk in every layer, computed in one go for the step.
 
     Per layer, a plan then takes views of these (the same rows, the same padded length and
     mask in every layer a chunk keeps) instead of rebuilding its tensors from lists.
