@@ -179,11 +179,10 @@ class _DecodeSlots:
             assert c.block_table is not None
             tables = dict(zip(c.spec.layers, c.block_table, strict=True))
             blocks.append([(tables.get(i, []) + [0] * width)[:width] for i in range(num_layers)])
-        offsets = torch.arange(block_size, device=device)
         table = torch.tensor(blocks, device=device)  # [D, num_layers, width]
-        slots = (table[..., None] * block_size + offsets).flatten(2)[..., :longest]
         last = torch.tensor(lens, device=device) - 1
-        written = slots.gather(2, last[:, None, None].expand(-1, num_layers, 1))[..., 0]
+        block = table.gather(2, (last // block_size)[:, None, None].expand(-1, num_layers, 1))
+        written = block[..., 0] * block_size + (last % block_size)[:, None]
         mask = None
         if min(lens) < longest:  # SDPA is faster without a mask: pad only when lengths differ
             valid = torch.arange(longest, device=device)[None, :] <= last[:, None]
