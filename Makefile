@@ -22,7 +22,7 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy elasticserve kernels server
+	$(PY) -m mypy elasticserve
 	$(PY) -m pytest -q $(ARGS)
 
 lint: $(STAMP)

@@ -23,9 +23,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from elasticserve import LLM, SamplingParams
-from elasticserve.bundle import ModelBundle
-from elasticserve.device import cpu_flags
-from elasticserve.shapes import ShapeSpec
+from elasticserve.model.bundle import ModelBundle
+from elasticserve.model.device import cpu_flags
+from elasticserve.model.shapes import ShapeSpec
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "austen"
 

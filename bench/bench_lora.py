@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from elasticserve.bundle import ModelBundle, load_bundle
-from elasticserve.data import load_token_ids
-from elasticserve.device import cpu_model
-from elasticserve.evaluate import perplexity
-from elasticserve.lora import CONFIG_FILE
+from elasticserve.model.bundle import ModelBundle, load_bundle
+from elasticserve.model.device import cpu_model
+from elasticserve.model.lora import CONFIG_FILE
+from elasticserve.training.data import load_token_ids
+from elasticserve.training.evaluate import perplexity
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus" / "austen"

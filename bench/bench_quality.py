@@ -21,21 +21,21 @@ from pathlib import Path
 
 import torch
 
-from elasticserve.bundle import ModelBundle, load_bundle
-from elasticserve.calibrate.depth import LayerRunner, block_influence_tables, greedy_tables
-from elasticserve.calibrate.importance import (
+from elasticserve.model.bundle import ModelBundle, load_bundle
+from elasticserve.model.device import cpu_model
+from elasticserve.model.pack import Pack, identity_pack, uniform_widths
+from elasticserve.training.calibrate.depth import LayerRunner, block_influence_tables, greedy_tables
+from elasticserve.training.calibrate.importance import (
     activation_stats,
     bias_compensation,
     load_dense,
     orders,
     wifv_scores,
 )
-from elasticserve.calibrate.run import calibration_windows, dp_batch
-from elasticserve.calibrate.widths import global_widths
-from elasticserve.data import load_token_ids
-from elasticserve.device import cpu_model
-from elasticserve.evaluate import perplexity
-from elasticserve.pack import Pack, identity_pack, uniform_widths
+from elasticserve.training.calibrate.run import calibration_windows, dp_batch
+from elasticserve.training.calibrate.widths import global_widths
+from elasticserve.training.data import load_token_ids
+from elasticserve.training.evaluate import perplexity
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus" / "austen"

@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
-from elasticserve.bench.datasets import prompt_bodies, with_unique_prefixes
-from elasticserve.bench.local import (
+from elasticserve.benchmark.datasets import prompt_bodies, with_unique_prefixes
+from elasticserve.benchmark.local import (
     capacity_record,
     free_port,
     open_loop,
@@ -36,8 +36,8 @@ from elasticserve.bench.local import (
     running_server,
     search_slo_capacity,
 )
-from elasticserve.bench.plot import plot_runs
-from elasticserve.bench.serve import BenchConfig, save_run, write_csv
+from elasticserve.benchmark.plot import plot_runs
+from elasticserve.benchmark.serve import BenchConfig, save_run, write_csv
 
 OUT = Path("bench/results/compare_policies")
 NAME = "smollm2-135m"

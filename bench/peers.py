@@ -31,8 +31,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from elasticserve.bench.datasets import prompt_bodies, with_unique_prefixes
-from elasticserve.bench.local import (
+from elasticserve.benchmark.datasets import prompt_bodies, with_unique_prefixes
+from elasticserve.benchmark.local import (
     capacity_record,
     free_port,
     open_loop,
@@ -40,7 +40,7 @@ from elasticserve.bench.local import (
     running_server,
     search_slo_capacity,
 )
-from elasticserve.bench.serve import BenchConfig, run_benchmark, summarize
+from elasticserve.benchmark.serve import BenchConfig, run_benchmark, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / ".peers"
@@ -102,13 +102,13 @@ def install_vllm() -> None:
 
 
 def default_gguf() -> Path:
-    from elasticserve.loader import default_gguf as find
+    from elasticserve.model.loader import default_gguf as find
 
     return find()
 
 
 def default_hf_dir() -> Path:
-    from elasticserve.loader import resolve_model_dir
+    from elasticserve.model.loader import resolve_model_dir
 
     return resolve_model_dir(None)
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from elasticserve.bench.datasets import prompt_bodies, with_unique_prefixes
-from elasticserve.bench.local import free_port, probe_capacity, running_server
-from elasticserve.bench.serve import BenchConfig, RequestResult, send_request
+from elasticserve.benchmark.datasets import prompt_bodies, with_unique_prefixes
+from elasticserve.benchmark.local import free_port, probe_capacity, running_server
+from elasticserve.benchmark.serve import BenchConfig, RequestResult, send_request
 
 OUT = Path("bench/results")
 

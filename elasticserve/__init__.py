@@ -9,14 +9,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "LLM": "llm",
-    "EngineConfig": "engine",
-    "LLMEngine": "engine",
-    "CompletionOutput": "outputs",
-    "RequestOutput": "outputs",
-    "SamplingParams": "sampling",
-    "Shape": "shapes",
-    "ShapeSpec": "shapes",
+    "LLM": "engine.llm",
+    "EngineConfig": "engine.llm_engine",
+    "LLMEngine": "engine.llm_engine",
+    "CompletionOutput": "engine.outputs",
+    "RequestOutput": "engine.outputs",
+    "SamplingParams": "engine.sampling",
+    "Shape": "model.shapes",
+    "ShapeSpec": "model.shapes",
 }
 
 __all__ = [
@@ -31,11 +31,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .engine import EngineConfig, LLMEngine
-    from .llm import LLM
-    from .outputs import CompletionOutput, RequestOutput
-    from .sampling import SamplingParams
-    from .shapes import Shape, ShapeSpec
+    from .engine.llm import LLM
+    from .engine.llm_engine import EngineConfig, LLMEngine
+    from .engine.outputs import CompletionOutput, RequestOutput
+    from .engine.sampling import SamplingParams
+    from .model.shapes import Shape, ShapeSpec
 
 
 def __getattr__(name: str) -> Any:

@@ -22,7 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from elasticserve.loader import DEFAULT_GGUF, DEFAULT_PACKAGE
+from elasticserve.model.loader import DEFAULT_GGUF, DEFAULT_PACKAGE
 
 TINY = dict(
     hidden_size=64,

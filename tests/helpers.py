@@ -8,10 +8,10 @@ import itertools
 import torch
 from transformers import AutoModelForCausalLM
 
-from elasticserve.bundle import ModelBundle
-from elasticserve.pack import Pack, channel_multiple, rank_major_heads
-from elasticserve.shapes import ShapeSpec
-from elasticserve.step import SeqChunk, build_step
+from elasticserve.model.bundle import ModelBundle
+from elasticserve.model.pack import Pack, channel_multiple, rank_major_heads
+from elasticserve.model.shapes import ShapeSpec
+from elasticserve.model.step_plan import SeqChunk, build_step
 
 
 def random_pack(pack: Pack, seed: int = 0, bias: bool = True) -> Pack:

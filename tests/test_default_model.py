@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from elasticserve import LLM, SamplingParams
-from elasticserve.bundle import load_bundle
+from elasticserve.model.bundle import load_bundle
 
 from .conftest import requires_default_model
 from .helpers import prefill_logits

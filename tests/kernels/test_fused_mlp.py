@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from elasticserve.kernels import reference
 from elasticserve.kernels.fused_mlp import fused_gate_up_silu
 from elasticserve.kernels.sliced_matmul import sliced_matmul_in

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from elasticserve.kernels import lora, reference
 from elasticserve.kernels.lora import lora_expand, lora_shrink
 from elasticserve.kernels.sliced_matmul import INTERPRET, sliced_matmul_out

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from elasticserve.bundle import load_bundle
+from elasticserve.model.bundle import load_bundle
 
 from ..helpers import prefill_logits, random_pack
 

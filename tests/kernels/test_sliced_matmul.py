@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from elasticserve.kernels import reference
 from elasticserve.kernels.sliced_matmul import sliced_matmul_in, sliced_matmul_out
 

@@ -1,0 +1,1 @@
+"""The `elasticserve` command line."""

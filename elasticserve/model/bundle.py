@@ -1,0 +1,117 @@
+"""A servable model: serving-layout weights, pack, shape grid and tokenizer, loaded once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .config import ModelConfig
+from .decoder import ElasticModel, rope_tables, serving_weights
+from .device import resolve_device, resolve_dtype
+from .loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir, served_name
+from .lora import effective_weights, has_adapters, load_adapters
+from .pack import Pack, identity_pack, model_fingerprint
+from .shapes import Shape, ShapeSpec
+from .step_plan import BiasTable
+
+PACKS_DIR = Path(__file__).parents[1] / "packs"
+
+
+def default_pack_path(name: str) -> Path | None:
+    """The pack committed with the package for a known model, if any."""
+    path = PACKS_DIR / name
+    return path if (path / "manifest.json").is_file() else None
+
+
+@dataclass
+class ModelBundle:
+    """Everything loaded for one base model."""
+
+    name: str
+    model_dir: Path
+    config: ModelConfig
+    pack: Pack
+    model: ElasticModel
+    tokenizer: PreTrainedTokenizerBase
+    specs: list[ShapeSpec]  # the grid, widest/deepest first; index = shape id
+    max_model_len: int
+    biases: BiasTable  # bias compensation on the model's device and dtype
+
+    @property
+    def full(self) -> ShapeSpec:
+        return self.specs[0]
+
+    def spec(self, shape: str | Shape | ShapeSpec | None) -> ShapeSpec:
+        """Resolve a shape name (or None = full) against the grid, with a clear error."""
+        if shape is None:
+            return self.full
+        if isinstance(shape, ShapeSpec):
+            return shape
+        parsed = shape if isinstance(shape, Shape) else Shape.parse(shape, self.config.num_layers)
+        for spec in self.specs:
+            if spec.shape == parsed:
+                return spec
+        depths = ", ".join(map(str, self.pack.depths))
+        widths = ", ".join(f"{w:g}" for w in self.pack.widths)
+        raise ValueError(
+            f"shape {parsed} is not in the grid of this pack (depths {depths}; widths {widths})"
+        )
+
+
+def load_bundle(
+    model: str | os.PathLike[str] | None = None,
+    pack: str | os.PathLike[str] | Pack | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+    max_model_len: int | None = None,
+    name: str | None = None,
+    lora: bool = True,
+) -> ModelBundle:
+    """Load a base model (default: the embedded SmolLM2-135M) and serve it through `pack`.
+
+    pack=None uses the pack committed for the default model, else the identity pack (original
+    order, uniform widths, evenly spaced layers). `lora` applies the pack directory's fine-tuned
+    adapters, if it has any (lora=False: the calibrated shapes alone, e.g. `eval --no-lora`).
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    model_dir = resolve_model_dir(model, cache_dir)
+    config, hf_config = load_config(model_dir)
+    state = load_state_dict(model_dir)
+    fingerprint = model_fingerprint(config, state)
+    own_name = served_name(model)
+    name = name or own_name
+    pack_dir: Path | None = None
+    if pack is None:  # the default model's own pack, whatever name it is served under
+        pack_dir = default_pack_path(own_name) if model is None else None
+        pack = Pack.load(pack_dir) if pack_dir else identity_pack(config, fingerprint)
+    elif not isinstance(pack, Pack):
+        pack_dir = Path(pack)
+        pack = Pack.load(pack_dir)
+    pack.check_model(config, fingerprint)
+    max_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+    cos, sin = rope_tables(hf_config, max_len)
+    weights = serving_weights(state, config, pack, torch_dtype, dev)
+    elastic = ElasticModel(config, weights, (cos.to(dev, torch_dtype), sin.to(dev, torch_dtype)))
+    specs = pack.specs()
+    if lora and pack_dir is not None and has_adapters(pack_dir):
+        experts, _ = load_adapters(pack_dir, config, pack.widths)
+        elastic.lora = effective_weights(experts, specs, torch_dtype, dev)
+    return ModelBundle(
+        name=name,
+        model_dir=model_dir,
+        config=config,
+        pack=pack,
+        model=elastic,
+        tokenizer=load_tokenizer(model_dir),
+        specs=specs,
+        max_model_len=max_len,
+        biases={
+            k: (o.to(dev, torch_dtype), d.to(dev, torch_dtype)) for k, (o, d) in pack.bias.items()
+        },
+    )

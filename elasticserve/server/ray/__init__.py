@@ -1,0 +1,1 @@
+"""Many engine replicas behind one OpenAI endpoint, on Ray Serve."""

@@ -1,0 +1,1 @@
+"""What makes a pack: calibration, shape-aware LoRA fine-tuning, evaluation, export."""

@@ -1,0 +1,1 @@
+"""Calibration: importance orders, per-layer widths, depth tables and bias compensation."""

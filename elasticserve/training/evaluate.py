@@ -1,0 +1,86 @@
+"""Held-out perplexity of any shape of a loaded model, through the elastic forward pass."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..model.bundle import ModelBundle
+from ..model.shapes import ShapeSpec
+from ..model.step_plan import SeqChunk, build_step
+
+MAX_WINDOW = 512
+BATCH_TOKENS = 2048  # tokens per forward step: bounds the [T, vocab] fp32 logits to ~400 MB
+
+
+def default_window(bundle: ModelBundle) -> int:
+    """The context length or 512, whichever is smaller."""
+    return min(bundle.max_model_len, MAX_WINDOW)
+
+
+def windows(token_ids: list[int], window: int) -> list[list[int]]:
+    """Non-overlapping windows; a tail shorter than two tokens predicts nothing and is dropped."""
+    out = [token_ids[i : i + window] for i in range(0, len(token_ids), window)]
+    return [w for w in out if len(w) >= 2]
+
+
+@torch.inference_mode()
+def _window_nll(bundle: ModelBundle, spec: ShapeSpec, batch: list[list[int]]) -> float:
+    """Summed next-token negative log-likelihood of a batch of windows."""
+    cfg = bundle.config
+    chunks = [SeqChunk(spec, w, logits="all") for w in batch]
+    step = build_step(
+        chunks,
+        cfg.num_layers,
+        cfg.head_dim,
+        2 * cfg.kv_size,
+        16,
+        bundle.biases,
+        bundle.model.device,
+    )
+    logits = bundle.model.forward(step)  # [sum of window lengths, V] fp32
+    total = 0.0
+    for w, rows in zip(batch, step.logit_slices, strict=True):
+        target = torch.tensor(w[1:], device=logits.device)
+        total += F.cross_entropy(logits[rows][:-1], target, reduction="sum").item()
+    return total
+
+
+def perplexity(
+    bundle: ModelBundle,
+    spec: ShapeSpec | str,
+    token_ids: list[int],
+    window: int | None = None,
+    progress: bool = False,
+) -> float:
+    """Perplexity of `spec` over non-overlapping windows of `token_ids`."""
+    spec = bundle.spec(spec) if isinstance(spec, str) else spec
+    window = window or default_window(bundle)
+    wins = windows(token_ids, window)
+    if not wins:
+        raise ValueError("need at least two tokens of evaluation text")
+    per_step = max(1, BATCH_TOKENS // window)
+    batches = [wins[i : i + per_step] for i in range(0, len(wins), per_step)]
+    nll = 0.0
+    for batch in tqdm(batches, desc=f"eval {spec.name}", disable=not progress, leave=False):
+        nll += _window_nll(bundle, spec, batch)
+    return math.exp(nll / sum(len(w) - 1 for w in wins))
+
+
+def shape_report(
+    bundle: ModelBundle,
+    specs: list[ShapeSpec],
+    token_ids: list[int],
+    window: int | None = None,
+) -> list[dict[str, object]]:
+    """Perplexity and weight fraction of each shape: the rows `elasticserve eval --json` prints."""
+    rows: list[dict[str, object]] = []
+    for spec in tqdm(specs, desc="perplexity per shape", unit="shape"):
+        ppl = perplexity(bundle, spec, token_ids, window)
+        rows.append(
+            {"shape": spec.name, "weight_fraction": round(spec.weight_fraction, 4), "ppl": ppl}
+        )
+    return rows
