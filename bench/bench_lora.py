@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from elasticserve.model.adapters import CONFIG_FILE
 from elasticserve.model.bundle import ModelBundle, load_bundle
 from elasticserve.model.device import cpu_model
-from elasticserve.model.lora import CONFIG_FILE
 from elasticserve.training.data import load_token_ids
 from elasticserve.training.evaluate import perplexity
 

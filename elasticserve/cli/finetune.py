@@ -58,8 +58,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     """Fine-tune, write the pack with adapters, print the held-out trend."""
     import torch
 
+    from ..model.adapters import LoraConfig
     from ..model.bundle import load_bundle
-    from ..model.lora import LoraConfig
     from ..training.data import load_token_ids
     from ..training.finetune import FinetuneConfig, finetune
 

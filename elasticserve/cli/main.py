@@ -95,19 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from ..server.ray.serve import run_ray_serve, use_ray
+    from ..server.ray.args import use_ray
 
     if use_ray(args):
+        from ..server.ray.serve import run_ray_serve
+
         run_ray_serve(args)
     else:
-        from ..server.app import run_serve
+        from ..server.serve import run_serve
 
         run_serve(args)
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:
-    from ..server.app import add_serve_arguments
-    from ..server.ray.serve import add_ray_arguments
+    from ..server.args import add_serve_arguments
+    from ..server.ray.args import add_ray_arguments
 
     serve = sub.add_parser(
         "serve", help="start the OpenAI-compatible server (--replicas N: on Ray Serve)"

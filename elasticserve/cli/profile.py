@@ -45,8 +45,8 @@ def batch_sizes(max_batch: int) -> list[int]:
 def _profile(args: argparse.Namespace) -> None:
     import torch
 
+    from ..engine.profiler import profile
     from ..model.bundle import load_bundle
-    from ..policy import latency_profile as latency
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -55,7 +55,7 @@ def _profile(args: argparse.Namespace) -> None:
     bundle = load_bundle(
         args.model, args.pack, dtype=args.dtype, device=args.device, max_model_len=1024
     )
-    measured = latency.profile(
+    measured = profile(
         bundle, batch_sizes(args.max_batch), context=(short, long), repeats=args.repeats
     )
     path = _save(measured, bundle, args)
@@ -63,14 +63,14 @@ def _profile(args: argparse.Namespace) -> None:
 
 
 def _save(measured: LatencyProfile, bundle: ModelBundle, args: argparse.Namespace) -> Path:
-    from ..policy import latency_profile as latency
+    from ..policy.latency_profile import profile_path
 
     if args.out is not None:
         return measured.save(args.out)
     try:
-        return measured.save(latency.profile_path(bundle, args.pack))
+        return measured.save(profile_path(bundle, args.pack))
     except OSError:  # a read-only pack directory: the user cache is still found by the server
-        return measured.save(latency.profile_path(bundle))
+        return measured.save(profile_path(bundle))
 
 
 def _report(measured: LatencyProfile, bundle: ModelBundle, path: Path) -> None:

@@ -18,11 +18,13 @@ import torch
 from ..model.bundle import ModelBundle
 from ..model.shapes import Shape, ShapeSpec
 from ..model.step_plan import SeqChunk, build_step
-from ..policy.policies import SLO, LoadState, LoadTracker, Overloaded, Policy, Refuse, RequestView
+from ..policy.base import Policy
 from ..policy.step_time import StepLoad, step_load
+from ..policy.types import SLO, LoadState, Overloaded, Refuse, RequestView
 from . import kv_cache
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
+from .load_tracker import LoadTracker
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput

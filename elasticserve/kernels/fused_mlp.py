@@ -13,18 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sliced_matmul import (
-    INTERPRET_CONFIG,
-    MATMUL_CONFIGS,
-    check_input,
-    check_segment_metadata,
-    check_weight,
-    dot_precision,
-    launch,
-    max_combine,
-    row_widths,
-    segment_block,
-)
+from . import utils
+from .utils import INTERPRET_CONFIG, MATMUL_CONFIGS, max_combine, row_widths
 
 
 @triton.jit
@@ -94,9 +84,9 @@ def fused_gate_up_silu(
 ) -> Tensor:
     """h[s, :n_s] = silu(x[s] @ w_gate[:n_s].T) * (x[s] @ w_up[:n_s].T); h[s, n_s:] = 0."""
     # x [T, H] ; w_gate, w_up [I, H] ; seg_offsets [S+1] ; seg_n [S] ; h [T, max_n]
-    check_input(x)
-    check_weight("w_gate", w_gate, x, 2)
-    check_weight("w_up", w_up, x, 2)
+    utils.check_input(x)
+    utils.check_weight("w_gate", w_gate, x, 2)
+    utils.check_weight("w_up", w_up, x, 2)
     if w_gate.shape != w_up.shape or w_gate.shape[1] != x.shape[1]:
         raise ValueError(
             f"need x [T, H] and w_gate, w_up [I, H], got {tuple(x.shape)}, "
@@ -105,7 +95,7 @@ def fused_gate_up_silu(
     rows, k_dim = x.shape
     if not 0 <= max_n <= w_gate.shape[0]:
         raise ValueError(f"max_n={max_n} must lie in [0, I={w_gate.shape[0]}]")
-    segments = check_segment_metadata(
+    segments = utils.check_segment_metadata(
         rows, x.device, seg_offsets, {"seg_n": (seg_n, 0, max_n)}, check
     )
     h = torch.empty(rows, max_n, dtype=x.dtype, device=x.device)
@@ -125,13 +115,15 @@ def fused_gate_up_silu(
         "stride_xm": x.stride(0),
         "stride_wn": w_gate.stride(0),
         "stride_hm": h.stride(0),
-        "S_BLOCK": segment_block(segments),
-        "DOT_PRECISION": dot_precision(x.dtype),
+        "S_BLOCK": utils.segment_block(segments),
+        "DOT_PRECISION": utils.dot_precision(x.dtype),
     }
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(max_n, meta["BLOCK_N"])
 
     key = ("M_BUCKET", "K", "max_n", "S_BLOCK")
-    launch(_gate_up_silu_kernel, MATMUL_CONFIGS, key, grid, args, rows, x.device, INTERPRET_CONFIG)
+    utils.launch(
+        _gate_up_silu_kernel, MATMUL_CONFIGS, key, grid, args, rows, x.device, INTERPRET_CONFIG
+    )
     return h

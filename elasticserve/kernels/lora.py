@@ -13,14 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sliced_matmul import (
-    check_float,
-    check_input,
-    check_segment_metadata,
-    check_weight,
-    dot_precision,
-    launch,
-)
+from . import utils
 
 MAX_RANK = 256  # one rank tile in registers; ranks are 2r of a small per-shape mixture
 
@@ -196,8 +189,8 @@ def lora_shrink(
 ) -> Tensor:
     """LoRA shrink: t[s] = x[s, :k_s] @ a[id_s, :k_s]; fp32 t, rows of adapter -1 are zero."""
     # x [T, >= k] ; a [A, K, R] ; seg_offsets [S+1] ; seg_k, seg_adapter [S] ; t [T, R] fp32
-    check_input(x)
-    check_weight("a", a, x, 3)
+    utils.check_input(x)
+    utils.check_weight("a", a, x, 3)
     rows = x.shape[0]
     adapters, k_dim, rank = a.shape
     block_r = _rank_block(rank)
@@ -205,7 +198,7 @@ def lora_shrink(
         "seg_k": (seg_k, 0, min(k_dim, x.shape[1])),
         "seg_adapter": (seg_adapter, -1, adapters - 1),
     }
-    segments = check_segment_metadata(rows, x.device, seg_offsets, meta, check)
+    segments = utils.check_segment_metadata(rows, x.device, seg_offsets, meta, check)
     # Zero-filled: split-K programs accumulate atomically, and skipped rows must read as zero.
     t = torch.zeros(rows, rank, dtype=torch.float32, device=x.device)
     if rows == 0:
@@ -225,14 +218,14 @@ def lora_shrink(
         "stride_aa": a.stride(0),
         "stride_ak": a.stride(1),
         "stride_tm": t.stride(0),
-        "DOT_PRECISION": dot_precision(x.dtype),
+        "DOT_PRECISION": utils.dot_precision(x.dtype),
         "BLOCK_R": block_r,
     }
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return triton.cdiv(rows, meta["BLOCK_M"]), segments, meta["SPLIT_K"]
 
-    launch(
+    utils.launch(
         _lora_shrink_kernel,
         _SHRINK_CONFIGS,
         ("M_BUCKET", "K", "R", "BLOCK_R"),
@@ -258,9 +251,9 @@ def lora_expand(
 ) -> Tensor:
     """LoRA expand in place: y[s, :n_s] += scale * t[s] @ b[id_s, :, :n_s]; returns y."""
     # y [T, >= n] ; t [T, R] ; b [A, R, N] ; seg_offsets [S+1] ; seg_n, seg_adapter [S]
-    check_input(y, "y")
-    check_weight("b", b, y, 3, "y")
-    check_float("t", t)
+    utils.check_input(y, "y")
+    utils.check_weight("b", b, y, 3, "y")
+    utils.check_float("t", t)
     adapters, rank, n_dim = b.shape
     if t.shape != (y.shape[0], rank) or t.stride(1) != 1:
         raise ValueError(
@@ -272,7 +265,7 @@ def lora_expand(
     block_r = _rank_block(rank)
     width = min(n_dim, y.shape[1])
     meta = {"seg_n": (seg_n, 0, width), "seg_adapter": (seg_adapter, -1, adapters - 1)}
-    segments = check_segment_metadata(rows, y.device, seg_offsets, meta, check)
+    segments = utils.check_segment_metadata(rows, y.device, seg_offsets, meta, check)
     if rows == 0 or width == 0:
         return y
     args = {
@@ -291,14 +284,14 @@ def lora_expand(
         "stride_tm": t.stride(0),
         "stride_ba": b.stride(0),
         "stride_br": b.stride(1),
-        "DOT_PRECISION": dot_precision(y.dtype),
+        "DOT_PRECISION": utils.dot_precision(y.dtype),
         "BLOCK_R": block_r,
     }
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]), segments
 
-    launch(
+    utils.launch(
         _lora_expand_kernel,
         _EXPAND_CONFIGS,
         ("M_BUCKET", "N", "R", "BLOCK_R"),

@@ -9,14 +9,15 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .adapters import effective_weights, has_adapters, load_adapters
 from .config import ModelConfig
-from .decoder import ElasticModel, rope_tables, serving_weights
+from .decoder import ElasticModel, rope_tables
 from .device import resolve_device, resolve_dtype
 from .loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir, served_name
-from .lora import effective_weights, has_adapters, load_adapters
 from .pack import Pack, identity_pack, model_fingerprint
 from .shapes import Shape, ShapeSpec
 from .step_plan import BiasTable
+from .weights import serving_weights
 
 PACKS_DIR = Path(__file__).parents[1] / "packs"
 

@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import rotate
 from .config import ModelConfig
-from .decoder import ElasticModel, LayerWeights, _rotate
+from .decoder import ElasticModel
 from .lora import Pair
 from .shapes import ShapeSpec
 from .step_plan import BiasTable
+from .weights import LayerWeights
 
 Adapters = list[dict[str, Pair] | None]  # [num_layers] linear -> (a [in, R], b [R, out])
 
@@ -82,7 +84,7 @@ def _layer(
     h = F.rms_norm(x, (cfg.hidden_size,), lw.attn_norm, eps)
     q = _out(h, lw.q, heads * hd, lw.bias("q"), lo.get("q")).view(b, s, heads, hd)
     vk = F.linear(h, lw.qkv[: 2 * lw.kv_rows], lw.bias("vk")).view(b, s, 2, cfg.num_kv_heads, hd)
-    q, k = _rotate(q, *rope), _rotate(vk[:, :, 1], *rope)
+    q, k = rotate(q, *rope), rotate(vk[:, :, 1], *rope)
     # rank-major slot r*G + g -> group-major head g*(m/G) + r, the order enable_gqa expects
     qg = q.view(b, s, heads // groups, groups, hd).permute(0, 3, 2, 1, 4).reshape(b, heads, s, hd)
     kt, vt = k.transpose(1, 2), vk[:, :, 0].transpose(1, 2)  # [B, kv, S, hd]

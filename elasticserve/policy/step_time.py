@@ -6,7 +6,7 @@ and its attention work. Per envelope shape `s` the model is linear:
 
     t = a_s + b_s * rows + c_s * tokens + d_s * attn      (attn: thousands of query-key pairs)
 
-fitted on a measured latency profile (latency.py) and scaled online by an EWMA of the ratio
+fitted on a measured latency profile (latency_profile.py) and scaled online by an EWMA of the ratio
 observed / predicted, so a loaded or noisy machine does not break the predictions. Pure Python:
 the policy uses it without torch.
 """
@@ -65,6 +65,19 @@ def step_load(rows: Iterable[tuple[Shape, int, int]]) -> StepLoad:
         tokens=sum(n for _, n, _ in rows),
         attn=sum(attn_pairs(n, start) for _, n, start in rows),
     )
+
+
+def predicted_latency(
+    model: StepTimeModel, specs: Sequence[ShapeSpec], prompt_tokens: int = 128
+) -> dict[str, dict[str, float]]:
+    """Each shape alone, per the model: its prefill of `prompt_tokens` and a decode step, ms."""
+    return {
+        spec.name: {
+            "ttft_ms": round(1000 * model.predict(step_load([(spec.shape, prompt_tokens, 0)])), 3),
+            "tpot_ms": round(1000 * model.predict(step_load([(spec.shape, 1, prompt_tokens)])), 3),
+        }
+        for spec in specs
+    }
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from transformers import LlamaConfig
 
 from ..model.bundle import ModelBundle
 from ..model.config import ModelConfig
-from ..model.decoder import LayerWeights
 from ..model.loader import load_config
 from ..model.lora import Pair
 from ..model.shapes import ShapeSpec
+from ..model.weights import LayerWeights
 
 ADAPTER_DIR = "adapter"
 _HF_NAMES = {

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from ..model.adapters import LoraConfig, LoraExperts, save_adapters
 from ..model.bundle import ModelBundle
-from ..model.lora import LoraConfig, LoraExperts, save_adapters
 from ..model.shape_forward import shape_logits, window_nll
 from ..model.shapes import ShapeSpec
 

@@ -13,8 +13,9 @@ import pytest
 from elasticserve import EngineConfig, SamplingParams
 from elasticserve.engine.llm_engine import LLMEngine
 from elasticserve.model.bundle import load_bundle
-from elasticserve.policy.policies import SLO, Overloaded, make_policy
+from elasticserve.policy.factory import make_policy
 from elasticserve.policy.step_time import StepTimeModel
+from elasticserve.policy.types import SLO, Overloaded
 
 TEXT = "It is a truth universally acknowledged"
 STEP_S = 0.02  # fake seconds per engine step

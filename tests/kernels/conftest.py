@@ -30,7 +30,7 @@ def device() -> torch.device:
     """cuda when available, else cpu (interpreted kernels)."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    module = sys.modules.get("elasticserve.kernels.sliced_matmul")
+    module = sys.modules.get("elasticserve.kernels.utils")
     if module is not None and not module.INTERPRET:
         pytest.fail(
             "elasticserve.kernels was imported before TRITON_INTERPRET=1 was set: set it at the "

@@ -9,7 +9,8 @@ import torch
 
 from elasticserve.kernels import lora, reference
 from elasticserve.kernels.lora import lora_expand, lora_shrink
-from elasticserve.kernels.sliced_matmul import INTERPRET, sliced_matmul_out
+from elasticserve.kernels.sliced_matmul import sliced_matmul_out
+from elasticserve.kernels.utils import INTERPRET
 
 RANK, ADAPTERS = 12, 3  # rank not a power of two: the rank tile is masked
 ADAPTER_IDS = [1, -1, 0, 2]  # per segment, cycled; -1 = this shape has no adapter

@@ -23,18 +23,13 @@ from elasticserve.engine.llm_engine import EngineConfig, LLMEngine
 from elasticserve.engine.outputs import CompletionOutput, RequestOutput
 from elasticserve.engine.sampling import SamplingParams
 from elasticserve.model.bundle import ModelBundle, load_bundle
-from elasticserve.policy.step_time import StepTimeModel
-from elasticserve.server.app import (
-    SHAPE_HEADER,
-    _CompletionFormat,
-    add_serve_arguments,
-    build_app,
-    parse_bytes,
-    predicted_latency,
-    run_serve,
-)
+from elasticserve.server.app import build_app
+from elasticserve.server.args import add_serve_arguments, parse_bytes
 from elasticserve.server.async_engine import AsyncLLMEngine
+from elasticserve.server.completions import SHAPE_HEADER
+from elasticserve.server.formats import CompletionFormat
 from elasticserve.server.protocol import CompletionRequest
+from elasticserve.server.serve import run_serve
 
 NAME = "tiny"
 PINNED = "d3-w0.5"
@@ -244,7 +239,7 @@ def test_streamed_logprobs_follow_the_tokens_not_the_engines_growing_list(bundle
     outputs = [output("ab", [5], False), output("abc", [5, 7], True)]
     server = SimpleNamespace(name=NAME, tokenizer=bundle.tokenizer)
     body = CompletionRequest(prompt="x", logprobs=1)
-    fmt = _CompletionFormat(server, "cmpl-1", body)  # type: ignore[arg-type]
+    fmt = CompletionFormat(server, "cmpl-1", body)  # type: ignore[arg-type]
     chunks = [chunk for out in outputs for chunk in fmt.chunks(out)]
     lps = [chunk.choices[0].logprobs for chunk in chunks]
     assert [lp.token_logprobs for lp in lps] == [[-0.5], [-0.1]]
@@ -508,10 +503,6 @@ def test_serve_command_builds_the_server_its_arguments_describe(tiny_llama_dir: 
         parser.parse_args(["--kv-cache-memory", "lots"])
 
 
-def test_sizes_and_predicted_latency(bundle: ModelBundle):
+def test_sizes():
     assert parse_bytes("512MiB") == parse_bytes("512m") == 512 * 2**20
     assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("4096") == 4096
-    latency = predicted_latency(StepTimeModel.prior(bundle.specs), bundle.specs)
-    assert list(latency) == [s.name for s in bundle.specs]
-    full, small = latency[bundle.full.name], latency[PINNED]
-    assert 0 < small["tpot_ms"] < full["tpot_ms"] and 0 < small["ttft_ms"] < full["ttft_ms"]

@@ -11,19 +11,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from elasticserve import EngineConfig, SamplingParams
 from elasticserve.engine.llm_engine import LLMEngine
-from elasticserve.model.bundle import load_bundle
-from elasticserve.model.lora import (
-    LINEARS,
-    OUTPUT_PREFIX,
-    LayerLora,
+from elasticserve.model.adapters import (
     LoraConfig,
     LoraExperts,
-    bind_layer,
     effective_weights,
     load_adapters,
     save_adapters,
     shape_encoding,
 )
+from elasticserve.model.bundle import load_bundle
+from elasticserve.model.lora import LINEARS, OUTPUT_PREFIX, LayerLora, bind_layer
 from elasticserve.model.shape_forward import shape_logits
 from elasticserve.training.export import ADAPTER_DIR, export_shape
 from elasticserve.training.finetune import (

@@ -1,7 +1,7 @@
 """The ingress on Ray Serve: one OpenAI endpoint relaying to the engine replicas.
 
 Serve calls `Ingress` for every HTTP request. It answers /health and /metrics itself and relays
-every other path to a replica through the engine deployment's handle (whose router, ray_router.py,
+every other path to a replica through the engine deployment's handle (whose router, router.py,
 picks the replica), holding each response back to its commit point (its first token, or its
 whole body) so that a replica failing before it can be retried once elsewhere.
 """

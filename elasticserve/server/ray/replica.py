@@ -1,8 +1,8 @@
 """One engine replica on Ray Serve: the single-process server's engine and app, reached by calls.
 
-`EngineReplica.http` runs an HTTP request through the replica's own FastAPI app (api.py's) with
+`EngineReplica.http` runs an HTTP request through the replica's own FastAPI app (server/app.py) with
 `asgi_exchange`, so the replica answers exactly what `elasticserve serve` would; the ingress
-(ray_ingress.py) relays it. `record_routing_stats` reports the load the router ranks by.
+(ingress.py) relays it. `record_routing_stats` reports the load the router ranks by.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message
 
-from ..app import build_server
+from ..serve import build_server
 from .routing import ReplicaLoad
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class EngineReplica:
         self, request: Mapping[str, Any], avoid: Sequence[str] = ()
     ) -> AsyncIterator[dict[str, Any] | bytes]:
         """A hello (who and how loaded), then the app's response head and body chunks."""
-        # `avoid` is for the router (ray_router.py), which reads it from the call's kwargs.
+        # `avoid` is for the router (router.py), which reads it from the call's kwargs.
         yield {"replica": self.replica, "actor": self.actor, "load": self.record_routing_stats()}
         async for item in asgi_exchange(self.app, request):
             yield item

@@ -1,7 +1,7 @@
 """Routing across engine replicas: predicted wait, replica ranking, refusals, stream commit points.
 
-Pure Python (no Ray, no torch), so the rules are unit-tested without a cluster; `ray_router.py`
-and `ray_serve.py` apply them.
+Pure Python (no Ray, no torch), so the rules are unit-tested without a cluster; `router.py`
+and `serve.py` apply them.
 
 A replica reports (`ReplicaLoad`) its running batch, its queue and a linear step-time model at
 its current step shape (`base + per_row * rows`, from its policy's step-time model, corrected

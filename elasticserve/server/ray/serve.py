@@ -2,15 +2,16 @@
 
 Design: elasticserve runs on Ray Serve rather than on a cluster manager of its own.
 
-- `EngineReplica` (ray_replica.py; one deployment of N replicas, or `autoscaling_config`)
-  holds what `elasticserve serve` holds: an AsyncLLMEngine and api.py's FastAPI app. Its `http`
-  method runs one HTTP request through that app in-process (`asgi_exchange`) and streams back a
-  hello (replica id and load), the response head, then the body chunks. So validation, chat
-  templates, the shape policy, pinned shapes (`<name>@d3-w0.5` on any replica: they share one
-  grid), SSE and OpenAI errors are api.py's code, once, not a copy; a bad request costs one hop.
-- `Ingress` (ray_ingress.py, a Serve HTTP deployment) answers /health and /metrics and relays
+- `EngineReplica` (replica.py; one deployment of N replicas, or `autoscaling_config`)
+  holds what `elasticserve serve` holds: an AsyncLLMEngine and server/app.py's FastAPI app. Its
+  `http` method runs one HTTP request through that app in-process (`asgi_exchange`) and streams
+  back a hello (replica id and load), the response head, then the body chunks. So validation,
+  chat templates, the shape policy, pinned shapes (`<name>@d3-w0.5` on any replica: they share
+  one grid), SSE and OpenAI errors are the single server's code, once, not a copy; a bad request
+  costs one hop.
+- `Ingress` (ingress.py, a Serve HTTP deployment) answers /health and /metrics and relays
   every other path, bytes unchanged, through the engine deployment's handle. The handle's
-  request router (`ray_router.LeastWaitRouter`, in the ingress process) picks the replica with
+  request router (`router.LeastWaitRouter`, in the ingress process) picks the replica with
   the least predicted wait from the load replicas report (`routing.py`);
   `x-elasticserve-replica` says which replica served a response.
 - Refusals: a replica answering 429 (queue full, or its SLO policy refusing on its own load) or
@@ -35,6 +36,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .args import add_ray_arguments
 from .ingress import Ingress
 from .replica import EngineReplica
 
@@ -116,75 +118,6 @@ def build_application(args: argparse.Namespace, local: bool = True) -> Applicati
     return ingress.bind(engine.bind(_plain(args), threads), args.route_timeout)
 
 
-def _min_max(text: str) -> tuple[int, int]:
-    try:
-        low, high = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid --autoscale {text!r}: write MIN:MAX") from None
-    if not 0 <= low <= high or high < 1:
-        raise argparse.ArgumentTypeError(f"--autoscale {text}: need 0 <= MIN <= MAX and MAX >= 1")
-    return low, high
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: must be an integer >= 1")
-    return int(text)
-
-
-def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--replicas`, `--ray-address` and the other options of serving on Ray Serve."""
-    group = parser.add_argument_group("Ray Serve (needs: pip install 'elasticserve[ray]')")
-    group.add_argument(
-        "--replicas",
-        type=_positive_int,
-        default=None,
-        help="engine replicas on Ray Serve behind one endpoint (default: one server, no Ray)",
-    )
-    group.add_argument(
-        "--ray-address",
-        default=None,
-        help="'local' (start Ray here; the default), 'auto' (the cluster `ray start` made), "
-        "or a cluster address",
-    )
-    group.add_argument(
-        "--replica-cpus", type=float, default=None, help="CPUs per replica (default: cores/N)"
-    )
-    group.add_argument(
-        "--replica-gpus", type=float, default=None, help="GPUs per replica (default: 1 on cuda)"
-    )
-    group.add_argument(
-        "--autoscale",
-        type=_min_max,
-        default=None,
-        metavar="MIN:MAX",
-        help="let Ray Serve scale replicas between MIN and MAX on ongoing requests per replica",
-    )
-    group.add_argument(
-        "--target-ongoing-requests",
-        type=float,
-        default=None,
-        help="autoscaling target: requests (running + waiting) per replica (default: seqs/2)",
-    )
-    group.add_argument(
-        "--ingress-replicas",
-        type=_positive_int,
-        default=1,
-        help="ingress replicas: each relays about a thousand streamed tokens/s per core",
-    )
-    group.add_argument(
-        "--route-timeout",
-        type=float,
-        default=60.0,
-        help="seconds a request may wait for a replica to take it before a 503",
-    )
-
-
-def use_ray(args: argparse.Namespace) -> bool:
-    """Whether `elasticserve serve` runs on Ray Serve (any Ray option given)."""
-    return any(getattr(args, k, None) is not None for k in ("replicas", "ray_address", "autoscale"))
-
-
 def start(args: argparse.Namespace) -> str:
     """Connect to (or start) Ray, deploy the application; returns the endpoint's URL."""
     serve = require_ray()
@@ -223,7 +156,7 @@ def run_ray_serve(args: argparse.Namespace) -> None:
 
 def app_builder(options: Mapping[str, str]) -> Application:
     """For `serve run elasticserve.server.ray.serve:app_builder model=... replicas=2`."""
-    from ..app import add_serve_arguments
+    from ..args import add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="serve run")
     add_serve_arguments(parser)

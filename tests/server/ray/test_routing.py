@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
+from elasticserve.server.ray.args import use_ray
 from elasticserve.server.ray.ingress import merge_metrics
 from elasticserve.server.ray.replica import asgi_exchange
 from elasticserve.server.ray.routing import (
@@ -19,7 +20,6 @@ from elasticserve.server.ray.routing import (
     rank,
     retry_after,
 )
-from elasticserve.server.ray.serve import use_ray
 
 
 def load(replica: str, running: int = 0, waiting: int = 0, **kw) -> ReplicaLoad:

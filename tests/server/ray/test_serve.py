@@ -20,9 +20,10 @@ ray = pytest.importorskip(
 )
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed")
 
-from elasticserve.server.app import add_serve_arguments  # noqa: E402
+from elasticserve.server.args import add_serve_arguments  # noqa: E402
+from elasticserve.server.ray.args import add_ray_arguments  # noqa: E402
 from elasticserve.server.ray.routing import REPLICA_HEADER  # noqa: E402
-from elasticserve.server.ray.serve import add_ray_arguments, app_builder, start  # noqa: E402
+from elasticserve.server.ray.serve import app_builder, start  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

@@ -1,0 +1,124 @@
+"""Weights in the serving layout, converted once from HF-named dense weights through a pack.
+
+Serving layout (DESIGN.md "Width"): q rows hold heads rank-major across KV groups; o and down are
+stored transposed; gate/up/down channels and q/o heads are permuted into the pack's importance order
+once at load, so every width of every layer is a contiguous row prefix, taken as a view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .pack import Pack
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [H]
+    # [2*kv*hd + n_heads*hd, H]: v rows, k rows, then q rows with heads rank-major. A q width is
+    # a row prefix, one GEMM computes all three, and keys and queries, adjacent, take one rotary
+    # pass; the cache stores the (v, k) rows as they come out.
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None  # [2*kv*hd + n_heads*hd]
+    kv_rows: int  # rows of v (= rows of k): kv heads * head_dim, never pruned
+    o_t: torch.Tensor  # [n_heads*hd, H] o transposed, same head order as q (see _transposed)
+    mlp_norm: torch.Tensor  # [H]
+    gate: torch.Tensor  # [I, H] channels in importance order
+    up: torch.Tensor  # [I, H]
+    down_t: torch.Tensor  # [I, H] down transposed (see _transposed)
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self.qkv[2 * self.kv_rows :]
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.qkv[self.kv_rows : 2 * self.kv_rows]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.qkv[: self.kv_rows]
+
+    def bias(self, part: str) -> torch.Tensor | None:
+        """The "q", "k", "v" or "vk" slice of the fused bias (None without one)."""
+        if self.qkv_bias is None:
+            return None
+        kv = self.kv_rows
+        start, stop = {"v": (0, kv), "k": (kv, 2 * kv), "vk": (0, 2 * kv), "q": (2 * kv, None)}[
+            part
+        ]
+        return self.qkv_bias[start:stop]
+
+
+@dataclass
+class Weights:
+    embed: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [H]
+    lm_head: torch.Tensor  # [V, H] (the embedding itself when tied)
+
+
+def _permute_heads(w: torch.Tensor, order: torch.Tensor, head_dim: int) -> torch.Tensor:
+    # w [n_heads*hd, ...] -> rows regrouped head by head in `order`
+    return w.view(-1, head_dim, *w.shape[1:])[order].reshape(w.shape).contiguous()
+
+
+def _transposed(w_t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`w_t` ([K, N], the transpose of a [N, K] weight) in the memory order its matmul reads best.
+
+    Prefixes over K are row slices either way. CUDA kernels and fp32 CPU GEMV want [K, N]
+    contiguous; the CPU's bf16/fp16 GEMV streams [N, K] rows 1.4x faster (22 vs 16 GB/s for a
+    576x1536 down at batch 1, bench/bench_cpu_ops.py), so there the [K, N] tensor is a transposed
+    view of a contiguous [N, K] one and `x[:, :k] @ w_t[:k]` runs as F.linear on a strided view.
+    """
+    if device.type == "cpu" and w_t.dtype in (torch.bfloat16, torch.float16):
+        return w_t.t().contiguous().t()
+    return w_t.contiguous()
+
+
+def serving_weights(
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    pack: Pack,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Weights:
+    """Convert HF-named dense weights to the serving layout of `pack` (one permutation copy)."""
+
+    def get(name: str) -> torch.Tensor:
+        return state[name].to(device=device, dtype=dtype)
+
+    hd = config.head_dim
+    layers = []
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        heads, chans = pack.head_order[i].to(device), pack.mlp_order[i].to(device)
+        v, k, q = (get(p + f"self_attn.{x}_proj.weight") for x in "vkq")
+        bias = None
+        if config.qkv_bias:
+            vb, kb, qb = (get(p + f"self_attn.{x}_proj.bias") for x in "vkq")
+            bias = torch.cat([vb, kb, _permute_heads(qb, heads, hd)])
+        layers.append(
+            LayerWeights(
+                attn_norm=get(p + "input_layernorm.weight"),
+                qkv=torch.cat([v, k, _permute_heads(q, heads, hd)]),
+                qkv_bias=bias,
+                kv_rows=config.kv_size,
+                o_t=_transposed(
+                    _permute_heads(get(p + "self_attn.o_proj.weight").t(), heads, hd), device
+                ),
+                mlp_norm=get(p + "post_attention_layernorm.weight"),
+                gate=get(p + "mlp.gate_proj.weight")[chans].contiguous(),
+                up=get(p + "mlp.up_proj.weight")[chans].contiguous(),
+                down_t=_transposed(get(p + "mlp.down_proj.weight").t()[chans], device),
+            )
+        )
+        for name in [k for k in state if k.startswith(p)]:
+            del state[name]  # free dense copies as we go: peak memory ~ one model, not two
+    embed = get("model.embed_tokens.weight")
+    head = state.get("lm_head.weight")
+    lm_head = embed if config.tie_word_embeddings or head is None else get("lm_head.weight")
+    return Weights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
