@@ -1,7 +1,8 @@
 """The engine: continuous batching where every request runs its own shape.
 
-`step()` = schedule -> build the step (rows sorted into shape segments) -> one forward pass ->
-sample -> append tokens, detect stops, detokenize -> hand finished sequences back to the scheduler.
+`step()` = schedule (scheduler.py) -> run: plan, forward, sample (model_runner.py) -> postprocess:
+the scheduler appends the tokens and ends sequences at a stop token or their length, the engine
+detokenizes, ends those that completed a stop string, and reports an output per sampled request.
 """
 
 from __future__ import annotations
@@ -10,24 +11,24 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..model.bundle import ModelBundle
 from ..model.shapes import Shape, ShapeSpec
-from ..model.step_plan import SeqChunk, build_step
 from ..policy.base import Policy
 from ..policy.step_time import StepLoad, step_load
 from ..policy.types import SLO, LoadState, Overloaded, Refuse, RequestView
-from . import kv_cache
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .load_tracker import LoadTracker
+from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
-from .sampling import Sampler, SamplingParams
-from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from .request import Request
+from .sampling import SamplerOutput, SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, SequenceStatus
 
 
@@ -40,35 +41,6 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_chunked_prefill: bool = True
-
-
-@dataclass(eq=False)
-class Request:
-    """One request's engine-side state around its scheduler `Sequence`."""
-
-    seq: Sequence
-    prompt: str | None
-    params: SamplingParams
-    spec: ShapeSpec
-    detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
-    logprobs: list[dict[int, float]] | None
-    cumulative_logprob: float = 0.0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    shape_tokens: dict[str, int] = field(default_factory=dict)
-    narrowest: ShapeSpec | None = None
-    # what the shape policy must respect
-    pinned: bool = False  # an explicit shape: the policy never changes it
-    min_shape: ShapeSpec | None = None  # the policy never goes below it in depth or width
-    slo: SLO = field(default_factory=SLO)
-
-
-_FINISH_STATUS = {
-    "stop": SequenceStatus.FINISHED_STOPPED,
-    "length": SequenceStatus.FINISHED_LENGTH,
-    "abort": SequenceStatus.FINISHED_ABORTED,
-}
 
 
 class LLMEngine:
@@ -91,30 +63,21 @@ class LLMEngine:
         # policy sees a token's whole cycle (a server's dispatch between steps included)
         self._busy_since: float | None = None
         self.config = config = config or EngineConfig()
-        cfg, model = bundle.config, bundle.model
-        max_len = bundle.max_model_len
-        memory = config.kv_cache_memory
-        if memory is None:
-            per_token = kv_cache.block_bytes(cfg, 1, model.cache_dtype) * cfg.num_layers
-            memory = min(2**30, per_token * max_len * max(4, config.max_num_seqs // 4))
-        dtype = model.cache_dtype
-        num_blocks = kv_cache.num_blocks_for(cfg, memory, config.block_size, dtype, max_len)
-        self.cache = kv_cache.allocate(cfg, num_blocks, config.block_size, dtype, model.device)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.runner = ModelRunner(
+            bundle, config.block_size, config.kv_cache_memory, config.max_num_seqs
+        )
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=max_len,
+                max_model_len=bundle.max_model_len,
                 enable_chunked_prefill=config.enable_chunked_prefill,
             ),
             self.block_manager,
         )
-        self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
-        self.eos_token_ids = set(cfg.eos_token_ids)
-        if bundle.tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(bundle.tokenizer.eos_token_id)
+        self.eos_token_ids = bundle.eos_token_ids
         self._ids = itertools.count()
 
     @property
@@ -195,6 +158,8 @@ class LLMEngine:
             max_tokens=max_tokens,
             priority=priority,
             arrival_time=arrival_time,
+            stop_token_ids=frozenset(params.stop_token_ids or ())
+            | (frozenset() if params.ignore_eos else self.eos_token_ids),
         )
         self.scheduler.add(seq)
         self.load.arrive(now, len(token_ids), max_tokens)
@@ -256,14 +221,10 @@ class LLMEngine:
             (self.requests[s.seq.seq_id].spec.shape, s.num_new_tokens, s.start)
             for s in out.scheduled
         )
-        logits, sampled = self._run(out)
-        outputs = self._sample_and_append(out, logits, sampled)
-        for req in sampled:
-            if req.finish_reason is not None:
-                self.scheduler.finish(req.seq, _FINISH_STATUS[req.finish_reason])
-                del self.requests[req.seq.seq_id]
-                self.load.finish(req.seq.num_output_tokens)
-        self.scheduler.postprocess(out)
+        rows = [(s, self.requests[s.seq.seq_id]) for s in out.scheduled]
+        sampled = self.runner.run(rows)
+        self.scheduler.postprocess(out, sampled.token_ids)
+        outputs = self._postprocess([req for s, req in rows if s.will_sample], sampled)
         end = time.perf_counter()
         self.last_step = (load, end - start)
         self._busy_since = end if self.scheduler.has_unfinished() else None
@@ -331,55 +292,11 @@ class LLMEngine:
             slo=req.slo,
         )
 
-    def _run(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
-        chunks, sampled = [], []
-        for item in out.scheduled:
-            seq, req = item.seq, self.requests[item.seq.seq_id]
-            chunks.append(
-                SeqChunk(
-                    spec=req.spec,
-                    token_ids=item.token_ids,
-                    num_computed=item.start,
-                    block_table=seq.block_table,
-                    logits="last" if item.will_sample else "none",
-                )
-            )
-            if item.will_sample:
-                sampled.append(req)
-        cfg = self.bundle.config
-        step = build_step(
-            chunks,
-            cfg.num_layers,
-            cfg.head_dim,
-            2 * cfg.kv_size,
-            self.config.block_size,
-            self.bundle.biases,
-            self.bundle.model.device,
-            kernels=self.bundle.model.use_kernels,
-        )
-        logits = self.bundle.model.forward(step, self.cache)
-        rows = [
-            step.logit_slices[i].start for i, item in enumerate(out.scheduled) if item.will_sample
-        ]
-        return logits[rows], sampled
-
-    def _sample_and_append(
-        self, out: SchedulerOutput, logits: torch.Tensor, sampled: list[Request]
-    ) -> list[RequestOutput]:
-        if not sampled:
-            return []
-        result = self.sampler(
-            logits,
-            [r.params for r in sampled],
-            [r.generator for r in sampled],
-            [r.seq.prompt_token_ids for r in sampled],
-            [r.seq.output_token_ids for r in sampled],
-            self.eos_token_ids,
-        )
+    def _postprocess(self, sampled: list[Request], result: SamplerOutput) -> list[RequestOutput]:
+        """Log-probs, shapes and text of each sampled token; stop strings; finished requests."""
         outputs = []
         for i, req in enumerate(sampled):
             token = result.token_ids[i]
-            req.seq.append_token(token)
             req.cumulative_logprob += result.logprobs[i]
             if req.logprobs is not None:
                 entry = {token: result.logprobs[i]}
@@ -391,22 +308,26 @@ class LLMEngine:
                 req.narrowest = req.spec
             self._check_stop(req, token)
             outputs.append(self._output(req))
+            if req.finish_reason is not None:
+                del self.requests[req.seq.seq_id]
+                self.load.finish(req.seq.num_output_tokens)
         return outputs
 
     def _check_stop(self, req: Request, token: int) -> None:
-        params, seq = req.params, req.seq
-        if token in (params.stop_token_ids or ()):
-            req.finish_reason, req.stop_reason = "stop", token
-        elif token in self.eos_token_ids and not params.ignore_eos:
+        """Set the finish reason of a request the scheduler ended, or end one at a stop string."""
+        seq = req.seq
+        if seq.status is SequenceStatus.FINISHED_STOPPED:  # a stop token never reaches the text
             req.finish_reason = "stop"
+            req.stop_reason = token if token in (req.params.stop_token_ids or ()) else None
         else:
             _, stop = req.detokenizer.add(token)
             if stop is not None:  # the detokenizer has already cut the text at the stop string
+                # outranks the length limit the same token may have reached
                 req.finish_reason, req.stop_reason = "stop", stop
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
                 return
-        at_limit = seq.num_output_tokens >= seq.max_tokens
-        if req.finish_reason is None and (at_limit or seq.num_tokens >= self.bundle.max_model_len):
-            req.finish_reason = "length"
+            if seq.status is SequenceStatus.FINISHED_LENGTH:
+                req.finish_reason = "length"
         if req.finish_reason is not None:
             req.detokenizer.flush()
 

@@ -1,6 +1,7 @@
 """Sampling parameters (vLLM's subset) and the batched sampler that picks each row's next token."""
 
 import math
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +116,7 @@ class Sampler:
         generators: list[torch.Generator | None],
         prompt_token_ids: list[list[int]],
         output_token_ids: list[list[int]],
-        eos_token_ids: set[int],
+        eos_token_ids: AbstractSet[int],
     ) -> SamplerOutput:
         """Sample one token per row of logits [B, V]; seeded rows draw only from their generator."""
         batch = logits.shape[0]
@@ -135,7 +136,7 @@ def _penalise_and_mask(
     params: list[SamplingParams],
     prompt_token_ids: list[list[int]],
     output_token_ids: list[list[int]],
-    eos_token_ids: set[int],
+    eos_token_ids: AbstractSet[int],
 ) -> torch.Tensor:
     """Apply penalties and min_tokens bans; returns logits itself when no row needs either."""
     penalised = [i for i, p in enumerate(params) if _has_penalty(p)]
@@ -165,7 +166,7 @@ def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _min_tokens_bans(p: SamplingParams, eos_token_ids: set[int]) -> list[int]:
+def _min_tokens_bans(p: SamplingParams, eos_token_ids: AbstractSet[int]) -> list[int]:
     """Tokens that would end the request: stop_token_ids, and eos unless it cannot stop it."""
     return sorted(set(p.stop_token_ids or []) | (set() if p.ignore_eos else eos_token_ids))
 

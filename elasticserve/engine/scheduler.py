@@ -15,9 +15,11 @@ recomputation after preemption and decodes are the same thing. One step:
    chunked prefill. Admission reserves blocks for this chunk only and leaves a watermark free
    for running decodes, unless nothing runs.
 
-Per engine step: `out = schedule()`; run the model on `out.scheduled`; append one sampled token
-to every `will_sample` sequence; `finish()` those that stopped (EOS, stop string, error); then
-`postprocess(out)`, which advances progress and finishes those that reached max_tokens.
+Per engine step: `out = schedule()`; run the model on `out.scheduled`; then
+`postprocess(out, token_ids)` with one sampled token per `will_sample` sequence: it advances
+progress, appends each token, and finishes the sequences that sampled one of their stop tokens
+or reached max_tokens or the context length. The engine `finish()`es the ones it stops itself
+(a stop string in the text).
 """
 
 from __future__ import annotations
@@ -170,19 +172,34 @@ class Scheduler:
 
         return SchedulerOutput(scheduled, preempted, self.config.max_num_batched_tokens - budget)
 
-    def postprocess(self, out: SchedulerOutput) -> None:
-        """Mark the scheduled tokens computed; finish sequences that reached max_tokens."""
+    def postprocess(self, out: SchedulerOutput, token_ids: list[int]) -> None:
+        """Mark the scheduled tokens computed and append the sampled ones (`will_sample` order).
+
+        A sequence whose token is one of its stop tokens finishes stopped; one that reached
+        max_tokens or the context length finishes at its length.
+        """
+        sampling = sum(s.will_sample for s in out.scheduled)
+        if len(token_ids) != sampling:
+            raise ValueError(
+                f"{sampling} sequences sample in this step, got {len(token_ids)} tokens"
+            )
+        tokens = iter(token_ids)
         for s in out.scheduled:
             seq = s.seq
+            token = next(tokens) if s.will_sample else None
             if seq.is_finished:
                 continue
             assert seq.num_computed_tokens == s.start, f"{seq.seq_id!r} postprocessed twice"
             seq.num_computed_tokens += s.num_new_tokens
-            if s.will_sample and seq.num_uncomputed_tokens != 1:
-                raise RuntimeError(
-                    f"{seq.seq_id!r}: append exactly one sampled token before postprocess"
-                )
-            if seq.num_output_tokens >= seq.max_tokens:
+            if token is None:
+                continue
+            seq.append_token(token)
+            if token in seq.stop_token_ids:
+                self.finish(seq, SequenceStatus.FINISHED_STOPPED)
+            elif (
+                seq.num_output_tokens >= seq.max_tokens
+                or seq.num_tokens >= self.config.max_model_len
+            ):
                 self.finish(seq, SequenceStatus.FINISHED_LENGTH)
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:

@@ -31,6 +31,7 @@ class Sequence:
     max_tokens: int  # max new tokens
     priority: int = 0  # lower is served first
     arrival_time: float = 0.0
+    stop_token_ids: frozenset[int] = frozenset()  # sampled tokens that end it (EOS, stop ids)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # leading tokens whose KV is in the cache
     status: SequenceStatus = SequenceStatus.WAITING

@@ -46,6 +46,14 @@ class ModelBundle:
     def full(self) -> ShapeSpec:
         return self.specs[0]
 
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The tokens that end a generation: the config's EOS ids and the tokenizer's."""
+        eos = set(self.config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        return frozenset(eos)
+
     def spec(self, shape: str | Shape | ShapeSpec | None) -> ShapeSpec:
         """Resolve a shape name (or None = full) against the grid, with a clear error."""
         if shape is None:

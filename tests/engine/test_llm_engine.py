@@ -137,7 +137,7 @@ def test_decode_over_paged_cache_matches_transformers(tiny_llama_dir, tokenizer,
     torch_dtype = getattr(torch, dtype)
     bundle = load_bundle(tiny_llama_dir, dtype=dtype)
     engine = LLMEngine(bundle, EngineConfig(block_size=8))
-    assert engine.cache.dtype == torch.float32
+    assert engine.runner.cache.dtype == torch.float32
     prompts = [tokenizer(" ".join([t] * (1 + i)))["input_ids"] for i, t in enumerate(TEXTS[:3])]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
     ids = [engine.add_request(p, params) for p in prompts]

@@ -37,12 +37,14 @@ def fake_token(tokens: list[int]) -> int:
     return (sum(t * (i + 1) for i, t in enumerate(tokens)) + len(tokens)) % 1000
 
 
+def sampled(out: SchedulerOutput) -> list[int]:
+    """The fake model's token for every sequence that samples in this step."""
+    return [fake_token(s.seq.all_token_ids) for s in out.scheduled if s.will_sample]
+
+
 def finish_step(sched: Scheduler, out: SchedulerOutput) -> None:
-    """What the engine does after the forward pass: append sampled tokens, then postprocess."""
-    for s in out.scheduled:
-        if s.will_sample:
-            s.seq.append_token(fake_token(s.seq.all_token_ids))
-    sched.postprocess(out)
+    """What the engine does after the forward pass: hand the sampled tokens to postprocess."""
+    sched.postprocess(out, sampled(out))
 
 
 def plan(out: SchedulerOutput) -> list[tuple[str, int]]:
@@ -249,20 +251,31 @@ def test_finished_sequences_are_never_scheduled() -> None:
     seq = make_seq("s", max_tokens=10)
     sched.add(seq)
     out = sched.schedule()
-    seq.append_token(7)
-    sched.finish(seq, SequenceStatus.FINISHED_STOPPED)  # EOS before postprocess
-    sched.postprocess(out)
+    sched.postprocess(out, [7])
+    sched.finish(seq, SequenceStatus.FINISHED_STOPPED)  # a stop string, found by the engine
     assert seq.status is SequenceStatus.FINISHED_STOPPED
     assert sched.schedule().is_empty and sched.block_manager.num_free_blocks == 64
     with pytest.raises(ValueError, match="FINISHED"):
         sched.finish(seq, SequenceStatus.RUNNING)
 
 
-def test_postprocess_requires_the_sampled_token_first() -> None:
+def test_a_stop_token_finishes_the_sequence_in_postprocess() -> None:
+    sched = make_scheduler()
+    seq = make_seq("s", max_tokens=10)
+    seq.stop_token_ids = frozenset({7})
+    sched.add(seq)
+    sched.postprocess(sched.schedule(), [3])
+    assert seq.status is SequenceStatus.RUNNING and seq.output_token_ids == [3]
+    sched.postprocess(sched.schedule(), [7])
+    assert seq.status is SequenceStatus.FINISHED_STOPPED and seq.output_token_ids == [3, 7]
+    assert sched.schedule().is_empty and sched.block_manager.num_free_blocks == 64
+
+
+def test_postprocess_requires_one_token_per_sampling_sequence() -> None:
     sched = make_scheduler()
     sched.add(make_seq("s"))
-    with pytest.raises(RuntimeError, match="append exactly one sampled token"):
-        sched.postprocess(sched.schedule())
+    with pytest.raises(ValueError, match="1 sequences sample in this step, got 0 tokens"):
+        sched.postprocess(sched.schedule(), [])
 
 
 @pytest.mark.parametrize(
@@ -356,11 +369,10 @@ def test_random_simulation_finishes_everything_without_leaks(seed: int) -> None:
             cache = kv.setdefault(s.seq.seq_id, [])
             assert s.start == len(cache), "a chunk must start where the cache ends"
             cache += s.token_ids
-            if s.will_sample:
-                s.seq.append_token(fake_token(s.seq.all_token_ids))
-                if rng.random() < 0.02:
-                    sched.finish(s.seq, SequenceStatus.FINISHED_STOPPED)
-        sched.postprocess(out)
+        sched.postprocess(out, sampled(out))
+        for s in out.scheduled:
+            if s.will_sample and not s.seq.is_finished and rng.random() < 0.02:
+                sched.finish(s.seq, SequenceStatus.FINISHED_STOPPED)
         if step >= 300 and not sched.has_unfinished():
             break
     assert not sched.has_unfinished()

@@ -1,0 +1,80 @@
+"""The model runner: owns the KV cache and runs one scheduled step on the model.
+
+`run()` = one `SeqChunk` per scheduled sequence -> `build_step` (rows sorted into shape segments,
+a plan per layer, model/step_plan.py) -> `ElasticModel.forward` over the paged cache (new K/V
+written in place) -> the sampler on the rows that yield a token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..model.bundle import ModelBundle
+from ..model.step_plan import SeqChunk, build_step
+from . import kv_cache
+from .request import Request
+from .sampling import Sampler, SamplerOutput
+from .scheduler import ScheduledSeq
+
+
+class ModelRunner:
+    """The KV cache pool, the step builder, the forward pass and the sampler of one model."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        block_size: int,
+        kv_cache_memory: int | None,
+        max_num_seqs: int,
+    ) -> None:
+        self.bundle = bundle
+        self.block_size = block_size
+        cfg, model = bundle.config, bundle.model
+        max_len = bundle.max_model_len
+        dtype = model.cache_dtype
+        memory = kv_cache_memory
+        if memory is None:  # enough for max_num_seqs / 4 full-length requests, at most 1 GiB
+            per_token = kv_cache.block_bytes(cfg, 1, dtype) * cfg.num_layers
+            memory = min(2**30, per_token * max_len * max(4, max_num_seqs // 4))
+        self.num_blocks = kv_cache.num_blocks_for(cfg, memory, block_size, dtype, max_len)
+        self.cache = kv_cache.allocate(cfg, self.num_blocks, block_size, dtype, model.device)
+        self.sampler = Sampler()
+        self.eos_token_ids = bundle.eos_token_ids
+
+    def run(self, rows: Sequence[tuple[ScheduledSeq, Request]]) -> SamplerOutput:
+        """Run the scheduled chunks; one sampled token per chunk that ends at its last token."""
+        chunks = [
+            SeqChunk(
+                spec=req.spec,
+                token_ids=item.token_ids,
+                num_computed=item.start,
+                block_table=item.seq.block_table,
+                logits="last" if item.will_sample else "none",
+            )
+            for item, req in rows
+        ]
+        cfg, model = self.bundle.config, self.bundle.model
+        step = build_step(
+            chunks,
+            cfg.num_layers,
+            cfg.head_dim,
+            2 * cfg.kv_size,
+            self.block_size,
+            self.bundle.biases,
+            model.device,
+            kernels=model.use_kernels,
+        )
+        logits = model.forward(step, self.cache)
+        sampled = [(i, req) for i, (item, req) in enumerate(rows) if item.will_sample]
+        if not sampled:
+            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=[])
+        picked = logits[[step.logit_slices[i].start for i, _ in sampled]]
+        requests = [req for _, req in sampled]
+        return self.sampler(
+            picked,
+            [r.params for r in requests],
+            [r.generator for r in requests],
+            [r.seq.prompt_token_ids for r in requests],
+            [r.seq.output_token_ids for r in requests],
+            self.eos_token_ids,
+        )
