@@ -19,13 +19,14 @@ import torch
 from ..model.bundle import ModelBundle
 from ..model.shapes import Shape, ShapeSpec
 from ..policy.base import Policy
-from ..policy.step_time import StepLoad, step_load
+from ..policy.step_time import StepLoad, attn_pairs, step_load
 from ..policy.types import SLO, LoadState, Overloaded, Refuse, RequestView
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .load_tracker import LoadTracker
 from .model_runner import ModelRunner
-from .outputs import CompletionOutput, RequestOutput
+from .output_processor import process_token, request_output, snapshot
+from .outputs import EngineStats, RequestOutput, RequestSnapshot
 from .request import Request
 from .sampling import SamplerOutput, SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
@@ -154,7 +155,6 @@ class LLMEngine:
             seq_id=request_id,
             prompt_token_ids=token_ids,
             layers=spec.layers,
-            shape_id=spec.id,
             max_tokens=max_tokens,
             priority=priority,
             arrival_time=arrival_time,
@@ -197,14 +197,61 @@ class LLMEngine:
             )
         if spec.layers != req.seq.layers:
             self.block_manager.drop_layers(req.seq, spec.layers)
-        req.spec, req.seq.shape_id = spec, spec.id
+        req.spec = spec
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    # -- what callers outside the engine read ----------------------------------------------------
+
     @property
     def kv_usage(self) -> float:
         return self.block_manager.usage
+
+    def stats(self) -> EngineStats:
+        """Requests running and waiting, and the KV pool's use."""
+        bm, scheduler = self.block_manager, self.scheduler
+        running, waiting = scheduler.num_running, scheduler.num_waiting
+        return EngineStats(running, waiting, bm.usage, bm.num_free_blocks, bm.num_blocks)
+
+    def request(self, request_id: str) -> RequestSnapshot | None:
+        """A view of an unfinished request (None once it finished, or if unknown)."""
+        req = self.requests.get(request_id)
+        return None if req is None else snapshot(req)
+
+    def requests_by_shape(self) -> tuple[Counter[str], Counter[str]]:
+        """Unfinished requests per shape name: (running, waiting)."""
+        running: Counter[str] = Counter()
+        waiting: Counter[str] = Counter()
+        for req in self.requests.values():
+            if req.seq.status is SequenceStatus.RUNNING:
+                running[req.spec.name] += 1
+            elif req.seq.status is SequenceStatus.WAITING:
+                waiting[req.spec.name] += 1
+        return running, waiting
+
+    @property
+    def mean_output_tokens(self) -> float:
+        """The mean generated length of recent requests (max_tokens until one finishes)."""
+        return self.load.mean_output_tokens
+
+    def step_costs(self) -> tuple[float | None, float]:
+        """The step time at the current step shape: (empty batch, per row) seconds.
+
+        From the policy's step-time model, which every step corrects online. Safe to call from
+        another thread: it reads `last_step` once (the engine thread replaces the tuple whole).
+        """
+        model = getattr(self.policy, "model", None)
+        if model is None or model.observations == 0:
+            return None, 0.0  # a prior no step has corrected yet would mislead the caller
+        last = self.last_step
+        shape = last[0].shape if last is not None else self.bundle.full.name
+        if shape not in model.coefficients:
+            shape = self.bundle.full.name
+        context = round(self.load.mean_prompt_tokens + self.load.mean_output_tokens / 2)
+        base = model.predict(StepLoad(shape, 0, 0, 0.0))
+        one = model.predict(StepLoad(shape, 1, 1, attn_pairs(1, context)))
+        return base, max(0.0, one - base)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -257,7 +304,7 @@ class LLMEngine:
                 len(spec.layers), seq.num_prompt_tokens + seq.max_tokens
             )
             if need <= self.block_manager.num_blocks:  # no KV yet: any depth that can fit
-                seq.layers, seq.shape_id, req.spec = spec.layers, spec.id, spec
+                seq.layers, req.spec = spec.layers, spec
                 self.shape_switches["queued"] += 1
 
     def _load_state(self, now: float) -> LoadState:
@@ -293,66 +340,18 @@ class LLMEngine:
         )
 
     def _postprocess(self, sampled: list[Request], result: SamplerOutput) -> list[RequestOutput]:
-        """Log-probs, shapes and text of each sampled token; stop strings; finished requests."""
+        """An output per sampled request; requests that finished leave the engine."""
         outputs = []
         for i, req in enumerate(sampled):
-            token = result.token_ids[i]
-            req.cumulative_logprob += result.logprobs[i]
-            if req.logprobs is not None:
-                entry = {token: result.logprobs[i]}
-                entry.update(dict(result.top_logprobs[i] or []))
-                req.logprobs.append(entry)
-            name = req.spec.name
-            req.shape_tokens[name] = req.shape_tokens.get(name, 0) + 1
-            if req.narrowest is None or req.spec.weight_fraction < req.narrowest.weight_fraction:
-                req.narrowest = req.spec
-            self._check_stop(req, token)
-            outputs.append(self._output(req))
+            top = result.top_logprobs[i]
+            delta, stop_string = process_token(req, result.token_ids[i], result.logprobs[i], top)
+            if stop_string:
+                self.scheduler.finish(req.seq, SequenceStatus.FINISHED_STOPPED)
+            outputs.append(request_output(req, delta))
             if req.finish_reason is not None:
                 del self.requests[req.seq.seq_id]
                 self.load.finish(req.seq.num_output_tokens)
         return outputs
-
-    def _check_stop(self, req: Request, token: int) -> None:
-        """Set the finish reason of a request the scheduler ended, or end one at a stop string."""
-        seq = req.seq
-        if seq.status is SequenceStatus.FINISHED_STOPPED:  # a stop token never reaches the text
-            req.finish_reason = "stop"
-            req.stop_reason = token if token in (req.params.stop_token_ids or ()) else None
-        else:
-            _, stop = req.detokenizer.add(token)
-            if stop is not None:  # the detokenizer has already cut the text at the stop string
-                # outranks the length limit the same token may have reached
-                req.finish_reason, req.stop_reason = "stop", stop
-                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
-                return
-            if seq.status is SequenceStatus.FINISHED_LENGTH:
-                req.finish_reason = "length"
-        if req.finish_reason is not None:
-            req.detokenizer.flush()
-
-    def _output(self, req: Request) -> RequestOutput:
-        narrowest = req.narrowest or req.spec
-        return RequestOutput(
-            request_id=req.seq.seq_id,
-            prompt=req.prompt,
-            prompt_token_ids=req.seq.prompt_token_ids,
-            outputs=[
-                CompletionOutput(
-                    index=0,
-                    text=req.detokenizer.text,
-                    token_ids=list(req.seq.output_token_ids),
-                    cumulative_logprob=req.cumulative_logprob,
-                    logprobs=None if req.logprobs is None else list(req.logprobs),
-                    finish_reason=req.finish_reason,
-                    stop_reason=req.stop_reason,
-                )
-            ],
-            finished=req.finish_reason is not None,
-            shape=req.spec.name,
-            narrowest_shape=narrowest.name,
-            shape_tokens=dict(req.shape_tokens),
-        )
 
 
 def _at_least(spec: ShapeSpec, floor: ShapeSpec) -> bool:

@@ -56,7 +56,7 @@ class TokenEvent:
 
 def token_event(times: RequestTimes, out: RequestOutput, now: float) -> TokenEvent | None:
     """Advance `times` past `out`; None if `out` brought no new token."""
-    new = len(out.outputs[0].token_ids) - times.num_tokens if out.outputs else 0
+    new = out.outputs[0].num_tokens - times.num_tokens if out.outputs else 0
     if new <= 0:
         return None
     first = times.last_token is None

@@ -1,19 +1,30 @@
-"""What the engine returns: vLLM's RequestOutput / CompletionOutput, plus the served shape."""
+"""What the engine hands out: vLLM's RequestOutput / CompletionOutput plus the served shape, and
+the views of its load and of one request that callers outside it (the server) read."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ..model.shapes import ShapeSpec
 
 
 @dataclass
 class CompletionOutput:
     index: int
     text: str  # cumulative
-    token_ids: list[int]  # cumulative
+    # cumulative, and the engine's own list, not a copy: complete once the request has finished;
+    # until then it may have grown past this output on the engine's thread (see num_tokens)
+    token_ids: list[int]
     cumulative_logprob: float | None = None
-    logprobs: list[dict[int, float]] | None = None  # per token: chosen + top-n, when requested
+    logprobs: list[dict[int, float]] | None = None  # per token: chosen + top-n; the engine's list
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    text_delta: str = ""  # the text this output adds to the previous one (what a stream sends)
+    num_tokens: int = -1  # tokens generated up to this output; -1: len(token_ids) at creation
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 0:
+            self.num_tokens = len(self.token_ids)
 
 
 @dataclass
@@ -27,3 +38,24 @@ class RequestOutput:
     narrowest_shape: str  # the narrowest shape that produced any of its tokens
     shape_tokens: dict[str, int] = field(default_factory=dict)  # generated tokens per shape
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class RequestSnapshot:
+    """What a caller outside the engine sees of one unfinished request."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]  # the engine's own list: read, do not change
+    spec: ShapeSpec  # the shape it runs at now
+    running: bool  # admitted to the running batch (else waiting)

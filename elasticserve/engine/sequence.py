@@ -27,7 +27,6 @@ class Sequence:
     seq_id: str
     prompt_token_ids: list[int]
     layers: tuple[int, ...]  # kept decoder layers, ascending; may only shrink in flight
-    shape_id: int
     max_tokens: int  # max new tokens
     priority: int = 0  # lower is served first
     arrival_time: float = 0.0

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .attention import attention, attention_dtype, rotate
 from .config import ModelConfig
-from .lora import LayerLora, LoraWeights, bind_layer
+from .lora import LayerLora, LoraWeights, bind_step
 from .ops import linear_in, linear_out
 from .step_plan import LayerPlan, StepInput
 from .weights import LayerWeights, Weights
@@ -46,15 +46,16 @@ class ElasticModel:
         x = w.embed[step.input_ids]  # [T, H]
         cos_all = self.cos[step.positions].unsqueeze(1)  # [T, 1, hd]
         sin_all = self.sin[step.positions].unsqueeze(1)
-        for i, (layer, plan) in enumerate(zip(w.layers, step.layers, strict=True)):
+        loras: list[LayerLora | None] = [None] * len(w.layers)
+        if self.lora is not None:  # kernels when the step carries their device metadata
+            kernels = any(p is not None and p.attn_bands.offsets is not None for p in step.layers)
+            segments = [None if p is None else p.segments for p in step.layers]
+            loras = bind_step(self.lora, segments, kernels)
+        for layer, plan, lora in zip(w.layers, step.layers, loras, strict=True):
             if plan is None:
                 continue  # no row of this step keeps this layer
             # a slice gives views (updated in place); an index tensor gathers copies
             xl, cos, sin = x[plan.rows], cos_all[plan.rows], sin_all[plan.rows]
-            lora = None
-            if self.lora is not None:  # kernels when the step carries their device metadata
-                kernels = plan.attn_bands.offsets is not None
-                lora = bind_layer(self.lora, i, plan.segments, kernels)
             self._layer(xl, layer, plan, cache, cos, sin, lora)
             if isinstance(plan.rows, torch.Tensor):
                 x.index_copy_(0, plan.rows, xl)

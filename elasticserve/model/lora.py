@@ -7,6 +7,7 @@ has none. The tables come from the mixture of experts in adapters.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -70,35 +71,63 @@ class LayerLora:
         lora_expand(y, t, b, m["offsets"], n, m["slots"], check=False)
 
 
-def bind_layer(
-    lora: LoraWeights, layer: int, segments: list[tuple[int, int, int, int]], kernels: bool
-) -> LayerLora | None:
-    """The adapters of `layer` for a step's segments; None when no segment has one."""
-    # segments: per chunk (row end, shape id, attn, mlp); chunks of one shape are adjacent
-    merged: list[list[int]] = []  # [start, end, shape id, attn, mlp]
+Segments = list[tuple[int, int, int, int]]  # per chunk (row end, shape id, attn, mlp)
+
+
+def bind_step(
+    lora: LoraWeights, segments: Sequence[Segments | None], kernels: bool
+) -> list[LayerLora | None]:
+    """Each layer's adapters for one step's segments; None where no segment has one.
+
+    `segments[layer]` is None for a layer no row runs. Layers that run the same chunks (most of
+    them) share their merged runs, and with `kernels` the metadata of every layer goes to the
+    device in one host-to-device copy, each layer reading its own views of it.
+    """
+    merged_by_chunks: dict[tuple[tuple[int, int, int, int], ...], list[tuple[int, ...]]] = {}
+    bound: list[LayerLora | None] = []
+    rows: list[int] = []  # every layer's kernel metadata, concatenated
+    starts: list[tuple[LayerLora, int, int]] = []  # (bound layer, offset in rows, segments)
+    for layer, chunks in enumerate(segments):
+        if chunks is None:
+            bound.append(None)
+            continue
+        key = tuple(chunks)
+        if key not in merged_by_chunks:
+            merged_by_chunks[key] = _merge(chunks)
+        slots = lora.slots[layer]
+        runs = [(s, e, slots[i], a, m) for s, e, i, a, m in merged_by_chunks[key]]
+        adapted = [r for r in runs if r[2] >= 0]
+        if not adapted:
+            bound.append(None)
+            continue
+        tables = lora.tables[layer]
+        layer_lora = LayerLora(tables, adapted)
+        bound.append(layer_lora)
+        if kernels:  # all runs: the kernels skip segments of slot -1 (the full shape)
+            hidden = tables["q"][0].shape[1]  # what output-prefix linears read, input-prefix write
+            starts.append((layer_lora, len(rows), len(runs)))
+            rows += [0] + [r[1] for r in runs] + [r[2] for r in runs] + [r[3] for r in runs]
+            rows += [r[4] for r in runs] + [hidden] * len(runs)
+    if starts:
+        device = starts[0][0].tables["q"][0].device
+        flat = torch.tensor(rows, dtype=torch.int32, device=device)
+        names = ("slots", "attn", "mlp", "hidden")
+        for layer_lora, at, n in starts:
+            meta = {"offsets": flat[at : at + n + 1]}
+            first = at + n + 1
+            meta.update({k: flat[first + i * n : first + (i + 1) * n] for i, k in enumerate(names)})
+            layer_lora.meta = meta
+    return bound
+
+
+def _merge(chunks: Segments) -> list[tuple[int, ...]]:
+    """(start, end, shape id, attn, mlp) runs: adjacent chunks of one shape become one."""
+    merged: list[list[int]] = []
     start = 0
-    for end, shape_id, attn, mlp in segments:
+    for end, shape_id, attn, mlp in chunks:
         if merged and merged[-1][2] == shape_id:
             merged[-1][1] = end
         else:
             merged.append([start, end, shape_id, attn, mlp])
         start = end
-    slots = lora.slots[layer]
-    runs = [(s, e, slots[i], a, m) for s, e, i, a, m in merged]
-    adapted = [r for r in runs if r[2] >= 0]
-    if not adapted:
-        return None
-    tables = lora.tables[layer]
-    if not kernels:
-        return LayerLora(tables, adapted)
-    a_q = tables["q"][0]
-    hidden = a_q.shape[1]  # what output-prefix linears read and input-prefix ones write
-    # One host-to-device copy per layer; the kernels skip segments of slot -1 (the full shape).
-    rows = [[0] + [r[1] for r in runs], [r[2] for r in runs], [r[3] for r in runs]]
-    rows += [[r[4] for r in runs], [hidden] * len(runs)]
-    flat = torch.tensor([v for row in rows for v in row], dtype=torch.int32, device=a_q.device)
-    s = len(runs)
-    names = ("slots", "attn", "mlp", "hidden")
-    meta = {"offsets": flat[: s + 1]}
-    meta.update({n: flat[s + 1 + i * s : s + 1 + (i + 1) * s] for i, n in enumerate(names)})
-    return LayerLora(tables, adapted, meta)
+    return [tuple(m) for m in merged]

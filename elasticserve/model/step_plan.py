@@ -56,7 +56,7 @@ class LayerPlan:
     mlp_bands: Bands  # (local row end, MLP channels)
     biases: list[tuple[slice, torch.Tensor, torch.Tensor]]  # bias compensation (rows, o, down)
     # per chunk, in row order: (local row end, shape id, q/o features, MLP channels); plain tuples
-    # keep planning cheap, per-shape LoRA (lora.bind_layer) reads them only when adapters exist
+    # keep planning cheap, per-shape LoRA (lora.bind_step) reads them only when adapters exist
     segments: list[tuple[int, int, int, int]]
     write_slots: torch.Tensor | None  # [T_l] cache slot of each row's new K/V
     decode: DecodePlan | None = None

@@ -29,7 +29,7 @@ def build_app(
 
     `shape_latency` (shape name -> predicted {"ttft_ms", "tpot_ms"}) fills /v1/shapes' latency.
     """
-    name = served_model_name or engine.engine.bundle.name
+    name = served_model_name or engine.bundle.name
     server = ServerState(engine, name, shape_latency or {})
     app = FastAPI(title="elasticserve", summary="OpenAI-compatible elastic LLM server")
     app.state.server = server

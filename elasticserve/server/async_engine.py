@@ -14,15 +14,19 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from elasticserve.engine.llm_engine import LLMEngine, Request
+from elasticserve.engine.llm_engine import LLMEngine
 from elasticserve.engine.metrics import EngineMetrics, RequestTimes, token_event
-from elasticserve.engine.outputs import CompletionOutput, RequestOutput
+from elasticserve.engine.outputs import (
+    CompletionOutput,
+    EngineStats,
+    RequestOutput,
+    RequestSnapshot,
+)
 from elasticserve.engine.sampling import SamplingParams
-from elasticserve.engine.sequence import SequenceStatus
+from elasticserve.model.bundle import ModelBundle
 from elasticserve.model.shapes import Shape, ShapeSpec
 
 log = logging.getLogger(__name__)
@@ -40,17 +44,6 @@ class QueueFullError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine thread is not running (shut down, or crashed)."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's load, published by the engine thread."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_free_blocks: int = 0
-    num_blocks: int = 0
 
 
 @dataclass
@@ -135,7 +128,7 @@ class AsyncLLMEngine:
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
-        self._stats = self._snapshot()
+        self._stats = engine.stats()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="elasticserve-engine", daemon=True)
         self._thread.start()
@@ -185,6 +178,11 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         """The load after the engine's latest step or command."""
         return self._stats
+
+    @property
+    def bundle(self) -> ModelBundle:
+        """The served model: its grid, tokenizer and context length (read-only)."""
+        return self.engine.bundle
 
     @property
     def is_running(self) -> bool:
@@ -238,8 +236,9 @@ class AsyncLLMEngine:
 
     def _add(self, cmd: _Add) -> None:
         try:
-            if self.engine.scheduler.num_waiting >= self.max_waiting:
-                raise QueueFullError(self.engine.scheduler.num_waiting)
+            waiting = self.engine.stats().num_waiting
+            if waiting >= self.max_waiting:
+                raise QueueFullError(waiting)
             self.engine.add_request(
                 cmd.prompt,
                 cmd.params,
@@ -252,7 +251,9 @@ class AsyncLLMEngine:
         except Exception as exc:  # ValueError: the client's fault; anything else reaches it too
             self._call(cmd.loop, _settle, cmd.admitted, exc)
             return
-        shape = self.engine.requests[cmd.request_id].spec.name
+        admitted = self.engine.request(cmd.request_id)
+        assert admitted is not None  # just added, and no step ran since
+        shape = admitted.spec.name
         # The admitted shape starts the switch count: the policy may move a request still queued.
         times = RequestTimes(cmd.arrival, last_shape=shape)
         self._live[cmd.request_id] = _Live(cmd.loop, cmd.outputs, times)
@@ -261,7 +262,7 @@ class AsyncLLMEngine:
 
     def _abort(self, request_id: str) -> None:
         live = self._live.pop(request_id, None)
-        req = self.engine.requests.get(request_id)
+        req = self.engine.request(request_id)
         self.engine.abort(request_id)
         if live is None:
             return
@@ -302,8 +303,8 @@ class AsyncLLMEngine:
         for request_id, live in self._live.items():
             if live.times.scheduled:
                 continue
-            req = self.engine.requests.get(request_id)
-            if req is not None and req.seq.status == SequenceStatus.RUNNING:
+            req = self.engine.request(request_id)
+            if req is not None and req.running:
                 live.times.scheduled = True
                 for metrics in self._metrics:
                     metrics.on_scheduled(req.spec.name, step_start - live.times.arrival)
@@ -317,7 +318,7 @@ class AsyncLLMEngine:
         """End every request in flight with an error output and free its blocks."""
         now = time.monotonic()
         for request_id, live in list(self._live.items()):
-            req = self.engine.requests.get(request_id)
+            req = self.engine.request(request_id)
             out = _final_output(request_id, live.last, req, "error", message)
             try:
                 self.engine.abort(request_id)
@@ -328,26 +329,10 @@ class AsyncLLMEngine:
         self._live.clear()
 
     def _publish(self) -> None:
-        self._stats = self._snapshot()
-        running: Counter[str] = Counter()
-        waiting: Counter[str] = Counter()
-        for req in self.engine.requests.values():
-            if req.seq.status == SequenceStatus.RUNNING:
-                running[req.spec.name] += 1
-            elif req.seq.status == SequenceStatus.WAITING:
-                waiting[req.spec.name] += 1
+        self._stats = self.engine.stats()
+        running, waiting = self.engine.requests_by_shape()
         for metrics in self._metrics:
             metrics.set_load(running, waiting, self._stats.kv_usage)
-
-    def _snapshot(self) -> EngineStats:
-        bm, scheduler = self.engine.block_manager, self.engine.scheduler
-        return EngineStats(
-            num_running=scheduler.num_running,
-            num_waiting=scheduler.num_waiting,
-            kv_usage=bm.usage,
-            num_free_blocks=bm.num_free_blocks,
-            num_blocks=bm.num_blocks,
-        )
 
     @staticmethod
     def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
@@ -371,19 +356,20 @@ def _settle(future: asyncio.Future, result: object) -> None:
 def _final_output(
     request_id: str,
     last: RequestOutput | None,
-    req: Request | None,
+    req: RequestSnapshot | None,
     reason: str,
     error: str | None = None,
 ) -> RequestOutput:
     """The finished output of a request cut short (abort or engine error), from what it had."""
     if last is not None:
-        completion = dataclasses.replace(last.outputs[0], finish_reason=reason)
+        # nothing new since `last`: its text went out with it
+        completion = dataclasses.replace(last.outputs[0], finish_reason=reason, text_delta="")
         return dataclasses.replace(last, outputs=[completion], finished=True, error=error)
     shape = req.spec.name if req is not None else ""
     return RequestOutput(
         request_id=request_id,
         prompt=req.prompt if req is not None else None,
-        prompt_token_ids=list(req.seq.prompt_token_ids) if req is not None else [],
+        prompt_token_ids=req.prompt_token_ids if req is not None else [],
         outputs=[CompletionOutput(index=0, text="", token_ids=[], finish_reason=reason)],
         finished=True,
         shape=shape,

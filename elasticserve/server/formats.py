@@ -30,7 +30,7 @@ _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM reports impossible tokens like 
 
 
 def usage_info(out: RequestOutput) -> UsageInfo:
-    prompt, completion = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+    prompt, completion = len(out.prompt_token_ids), out.outputs[0].num_tokens
     return UsageInfo(
         prompt_tokens=prompt,
         completion_tokens=completion,
@@ -52,7 +52,6 @@ class Format:
     def __init__(self, server: ServerState, request_id: str, body: Any):
         self.server, self.request_id, self.body = server, request_id, body
         self.created = int(time.time())
-        self.sent_text = 0  # characters of the output text already streamed
         self.sent_tokens = 0  # tokens whose log-probs were already reported
 
     def model(self, shape: str) -> str:
@@ -66,9 +65,9 @@ class Format:
         completion = out.outputs[0]
         if completion.logprobs is None:
             return []
-        # token_ids is a copy, but logprobs is the engine's own list, which its thread may have
-        # grown since: the tokens of this output decide how far to read.
-        start, self.sent_tokens = self.sent_tokens, len(completion.token_ids)
+        # token_ids and logprobs are the engine's own lists, which its thread may have grown
+        # since: this output's token count decides how far to read.
+        start, self.sent_tokens = self.sent_tokens, completion.num_tokens
         ids = completion.token_ids[start : self.sent_tokens]
         return list(zip(ids, completion.logprobs[start : self.sent_tokens], strict=True))
 
@@ -83,8 +82,7 @@ class Format:
     def chunks(self, out: RequestOutput) -> list[Any]:
         """The chunk for `out`'s new text (or log-probs, or finish); none if it brings nothing."""
         completion = out.outputs[0]
-        text = completion.text[self.sent_text :]
-        self.sent_text = len(completion.text)
+        text = completion.text_delta
         has_logprobs = completion.logprobs is not None
         if not text and not out.finished and not (has_logprobs and self._has_new_tokens(out)):
             return []
@@ -96,7 +94,7 @@ class Format:
         return [chunk]
 
     def _has_new_tokens(self, out: RequestOutput) -> bool:
-        return len(out.outputs[0].token_ids) > self.sent_tokens
+        return out.outputs[0].num_tokens > self.sent_tokens
 
     def usage_chunk(self, out: RequestOutput) -> Any:
         chunk = self._chunk(out.narrowest_shape, [])

@@ -7,10 +7,9 @@ import dataclasses
 from collections.abc import Mapping
 
 from elasticserve.engine.metrics import EngineMetrics
+from elasticserve.model.shapes import ShapeSpec
 
-from .async_engine import (
-    AsyncLLMEngine,
-)
+from .async_engine import AsyncLLMEngine
 from .errors import APIError
 
 
@@ -23,14 +22,17 @@ class ServerState:
     shape_latency: Mapping[str, Mapping[str, float]]  # shape -> predicted {"ttft_ms", "tpot_ms"}
 
     def __post_init__(self) -> None:
-        self.bundle = self.engine.engine.bundle
+        self.bundle = self.engine.bundle
         self.metrics = EngineMetrics(self.name, [spec.name for spec in self.bundle.specs])
         self.engine.attach_metrics(self.metrics)
         # The engine thread uses the bundle's tokenizer; a HF fast tokenizer is not safe to share.
         self.tokenizer = copy.deepcopy(self.bundle.tokenizer)
 
-    def resolve_shape(self, model: str | None) -> str | None:
-        """The shape a request's `model` pins; None (the engine's policy picks) for the base."""
+    def resolve_shape(self, model: str | None) -> ShapeSpec | None:
+        """The shape a request's `model` pins; None (the engine's policy picks) for the base.
+
+        Parsed here once: the engine takes the resolved spec as it is.
+        """
         model = self.name if model is None else model
         if model == self.name:
             shape = "auto"
@@ -47,6 +49,6 @@ class ServerState:
         if shape.strip().lower() == "auto":
             return None
         try:
-            return self.bundle.spec(shape).name
+            return self.bundle.spec(shape)
         except ValueError as exc:
             raise APIError(400, str(exc), param="model", code="invalid_shape") from exc

@@ -9,7 +9,7 @@ from elasticserve.engine.sequence import Sequence
 
 
 def make_seq(layers: tuple[int, ...] = (0, 1), prompt_len: int = 10, seq_id: str = "s") -> Sequence:
-    return Sequence(seq_id, list(range(prompt_len)), layers, shape_id=0, max_tokens=8)
+    return Sequence(seq_id, list(range(prompt_len)), layers, max_tokens=8)
 
 
 def test_grow_allocates_one_block_list_per_kept_layer() -> None:

@@ -66,7 +66,7 @@ def test_mixed_batch_equals_each_alone(bundle, tokenizer, long, config):
     for prompt, shape, tokens in zip(prompts, shapes, together, strict=True):
         alone = next(iter(_run(alone_engine, [prompt], params, [shape]).values()))
         assert tokens == alone
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
 
 
 def test_preemption_happens_under_memory_pressure(bundle, tokenizer):
@@ -80,7 +80,7 @@ def test_preemption_happens_under_memory_pressure(bundle, tokenizer):
         engine.step()
     assert sum(s.num_preemptions for s in seqs) > 0
     assert all(s.num_output_tokens == 12 for s in seqs)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
 
 
 def test_no_block_leaks_after_finish_abort_and_errors(bundle, tokenizer):
@@ -100,8 +100,8 @@ def test_no_block_leaks_after_finish_abort_and_errors(bundle, tokenizer):
     engine.abort(late)  # waiting
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert not engine.requests
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
+    assert not engine.has_unfinished_requests()
 
 
 def test_stop_conditions(bundle, tokenizer):
@@ -117,6 +117,26 @@ def test_stop_conditions(bundle, tokenizer):
     last = outs[-1].outputs[0]
     assert last.finish_reason == "stop" and last.stop_reason == stop_id
     assert last.token_ids == ref[: ref.index(stop_id) + 1]
+
+
+def test_text_deltas_add_up_to_the_text_and_outputs_share_the_lists(bundle):
+    def outputs(**stop) -> list:
+        engine = LLMEngine(bundle)
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0, **stop)
+        engine.add_request(TEXTS[1], params)
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += [o.outputs[0] for o in engine.step()]
+        return outs
+
+    whole = outputs()[-1].text
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]  # a stop string cut from the middle
+    outs = outputs(stop=[stop])
+    last = outs[-1]
+    assert last.finish_reason == "stop" and last.stop_reason == stop
+    assert "".join(o.text_delta for o in outs) == last.text == whole[: whole.index(stop)]
+    assert [o.num_tokens for o in outs] == list(range(1, len(outs) + 1))
+    assert all(o.token_ids is last.token_ids and o.logprobs is last.logprobs for o in outs)
 
 
 def test_llm_generate_reports_shapes_and_keeps_order(tiny_llama_dir):

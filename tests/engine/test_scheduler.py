@@ -24,7 +24,7 @@ def make_seq(
     arrival: float = 0.0,
 ) -> Sequence:
     prompt = [(31 * i + sum(map(ord, seq_id))) % 1000 for i in range(prompt_len)]
-    return Sequence(seq_id, prompt, layers, 0, max_tokens, priority, arrival)
+    return Sequence(seq_id, prompt, layers, max_tokens, priority, arrival)
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, **config: Any) -> Scheduler:

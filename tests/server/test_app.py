@@ -65,7 +65,7 @@ def serving(engine: AsyncLLMEngine, api_key: str | None = None) -> Iterator[Live
     poll(lambda: _healthy(http), timeout=30, what="the server to answer /health")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", max_retries=0)
     try:
-        yield Live(url, engine, engine.engine.bundle, client, http)
+        yield Live(url, engine, engine.bundle, client, http)
     finally:
         client.close()
         http.close()
@@ -228,21 +228,25 @@ def test_stream_equals_non_stream_for_greedy(live: Live, endpoint: str):
 
 
 def test_streamed_logprobs_follow_the_tokens_not_the_engines_growing_list(bundle: ModelBundle):
-    # The engine hands out its own logprobs list and appends to it on its thread: by the time
-    # the event loop formats an output, the list may be ahead of that output's token_ids.
+    # The engine hands out its own token and logprob lists and appends to them on its thread: by
+    # the time the event loop formats an output, the lists may be ahead of that output.
+    tokens = [5, 7, 9]
     logprobs = [{5: -0.5, 6: -1.0}, {7: -0.1, 5: -2.0}, {9: -0.2}]
 
-    def output(text: str, tokens: list[int], finished: bool) -> RequestOutput:
-        completion = CompletionOutput(0, text, tokens, logprobs=logprobs)
+    def output(text: str, delta: str, n: int, finished: bool) -> RequestOutput:
+        completion = CompletionOutput(
+            0, text, tokens, logprobs=logprobs, text_delta=delta, num_tokens=n
+        )
         return RequestOutput("r", None, [1], [completion], finished, "d6-w1.0", "d6-w1.0")
 
-    outputs = [output("ab", [5], False), output("abc", [5, 7], True)]
+    outputs = [output("ab", "ab", 1, False), output("abc", "c", 2, True)]
     server = SimpleNamespace(name=NAME, tokenizer=bundle.tokenizer)
     body = CompletionRequest(prompt="x", logprobs=1)
     fmt = CompletionFormat(server, "cmpl-1", body)  # type: ignore[arg-type]
     chunks = [chunk for out in outputs for chunk in fmt.chunks(out)]
     lps = [chunk.choices[0].logprobs for chunk in chunks]
     assert [lp.token_logprobs for lp in lps] == [[-0.5], [-0.1]]
+    assert [chunk.choices[0].text for chunk in chunks] == ["ab", "c"]
     assert [len(lp.top_logprobs[0]) for lp in lps] == [2, 2]
 
 

@@ -20,7 +20,7 @@ from elasticserve.model.adapters import (
     shape_encoding,
 )
 from elasticserve.model.bundle import load_bundle
-from elasticserve.model.lora import LINEARS, OUTPUT_PREFIX, LayerLora, bind_layer
+from elasticserve.model.lora import LINEARS, OUTPUT_PREFIX, LayerLora, bind_step
 from elasticserve.model.shape_forward import shape_logits
 from elasticserve.training.export import ADAPTER_DIR, export_shape
 from elasticserve.training.finetune import (
@@ -94,7 +94,8 @@ def test_effective_adapter_equals_per_token_mixture(bundle):
     for spec, rows in zip(specs, [3, 2, 4], strict=True):
         segments.append((start, start + rows, spec.id, spec.heads[layer] * hd, spec.mlp[layer]))
         start += rows
-    bound = bind_layer(bundle.model.lora, layer, [s[1:] for s in segments], kernels=False)
+    per_layer = [[s[1:] for s in segments] if i == layer else None for i in range(layer + 1)]
+    bound = bind_step(bundle.model.lora, per_layer, kernels=False)[layer]
     assert bound is not None
     weights, ids = experts.route(specs)
     torch.manual_seed(1)

@@ -11,16 +11,12 @@ import argparse
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import ASGIApp, Message
 
 from ..serve import build_server
 from .routing import ReplicaLoad
-
-if TYPE_CHECKING:
-    from elasticserve.engine.llm_engine import LLMEngine
-
 
 log = logging.getLogger(__name__)
 
@@ -92,26 +88,6 @@ async def asgi_exchange(
             task.cancel()
 
 
-def step_costs(engine: LLMEngine) -> tuple[float | None, float]:
-    """The replica's step time at its current step shape: (empty batch, per row) seconds.
-
-    From its policy's step-time model, which the engine corrects online with every step.
-    """
-    from elasticserve.policy.step_time import StepLoad, attn_pairs
-
-    model = getattr(engine.policy, "model", None)
-    if model is None or model.observations == 0:
-        return None, 0.0  # a prior no step has corrected yet would mislead the router
-    last = engine.last_step  # one read: the engine thread replaces the tuple whole
-    shape = last[0].shape if last is not None else engine.bundle.full.name
-    if shape not in model.coefficients:
-        shape = engine.bundle.full.name
-    context = round(engine.load.mean_prompt_tokens + engine.load.mean_output_tokens / 2)
-    base = model.predict(StepLoad(shape, 0, 0, 0.0))
-    one = model.predict(StepLoad(shape, 1, 1, attn_pairs(1, context)))
-    return base, max(0.0, one - base)
-
-
 class EngineReplica:
     """One engine replica: elasticserve's own app over an AsyncLLMEngine, reached via `http`."""
 
@@ -138,8 +114,8 @@ class EngineReplica:
     def record_routing_stats(self) -> dict[str, Any]:
         """This replica's load for the router (Serve polls it)."""
         stats = self.engine.stats()
-        base, per_row = step_costs(self.engine.engine)
         engine = self.engine.engine
+        base, per_row = engine.step_costs()
         return ReplicaLoad(
             replica=self.replica,
             running=stats.num_running,
@@ -147,7 +123,7 @@ class EngineReplica:
             step_base_s=base,
             step_row_s=per_row,
             max_num_seqs=engine.config.max_num_seqs,
-            mean_output_tokens=engine.load.mean_output_tokens or 16.0,
+            mean_output_tokens=engine.mean_output_tokens or 16.0,
             alive=self.engine.is_running,
         ).to_stats()
 
