@@ -7,10 +7,10 @@ import asyncio
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..benchmark.datasets import prompt_bodies, with_unique_prefixes
-from ..benchmark.serve import BenchConfig, run_benchmark, save_run, summarize, write_csv
+if TYPE_CHECKING:
+    from ..benchmark.serve import BenchConfig
 
 COLUMNS = (  # header, width, summary key (or a function of the summary)
     ("rate", 6, "request_rate"),
@@ -61,6 +61,8 @@ def table_row(summary: dict[str, Any]) -> str:
 
 
 def _config(args: argparse.Namespace) -> BenchConfig:
+    from ..benchmark.serve import BenchConfig  # httpx and numpy: only when benchmarking
+
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency {args.max_concurrency}: must be >= 1")
     if args.output_len < 1 or args.timeout <= 0:
@@ -85,6 +87,9 @@ def _config(args: argparse.Namespace) -> BenchConfig:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from ..benchmark.datasets import prompt_bodies, with_unique_prefixes
+    from ..benchmark.serve import run_benchmark, save_run, summarize, write_csv
+
     base = _config(args)
     rates = parse_rates(args.sweep) if args.sweep else [args.request_rate]
     out = Path(args.out)

@@ -8,7 +8,7 @@ import shlex
 import sys
 import time
 
-from ..model.pack import DEFAULT_WIDTHS
+from ..model.shapes import DEFAULT_WIDTHS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .main import add_model_arguments
+from .args import add_model_arguments
 
 if TYPE_CHECKING:
     from ..model.bundle import ModelBundle

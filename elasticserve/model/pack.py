@@ -19,10 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .shapes import Shape, ShapeSpec, format_width
+from .shapes import DEFAULT_WIDTHS, Shape, ShapeSpec, format_width
 
 FORMAT_VERSION = 1
-DEFAULT_WIDTHS = (1.0, 0.875, 0.75, 0.625, 0.5)
 
 
 class PackMismatchError(ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+DEFAULT_WIDTHS = (1.0, 0.875, 0.75, 0.625, 0.5)  # a pack's width ratios unless told otherwise
 _SHAPE_RE = re.compile(r"^(?:d(?P<depth>\d+))?-?(?:w(?P<width>\d*\.?\d+))?$")
 
 

@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerBase
 from ...model.bundle import load_bundle
 from ...model.config import ModelConfig
 from ...model.loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir
-from ...model.pack import DEFAULT_WIDTHS, Pack, default_depths, model_fingerprint
+from ...model.pack import Pack, default_depths, model_fingerprint
+from ...model.shapes import DEFAULT_WIDTHS
 from ..data import load_token_ids, sample_windows
 from ..evaluate import shape_report
 from .depth import LayerRunner, dp_tables, refine_tables

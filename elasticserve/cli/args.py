@@ -1,0 +1,15 @@
+"""Arguments shared by the subcommands that load a model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model/--pack/--dtype/--device, shared by every command that loads a model."""
+    parser.add_argument(
+        "--model", default=None, help="HF dir, .safetensors or .gguf (default: SmolLM2-135M)"
+    )
+    parser.add_argument("--pack", default=None, help="pack directory (default: the model's own)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
