@@ -23,6 +23,7 @@ from ..policy.step_time import StepLoad, attn_pairs, step_load
 from ..policy.types import SLO, LoadState, Overloaded, Refuse, RequestView
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
+from .guided import GrammarCompiler
 from .load_tracker import LoadTracker
 from .model_runner import ModelRunner
 from .output_processor import process_token, request_output, snapshot
@@ -79,6 +80,9 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = bundle.eos_token_ids
+        self.grammars = GrammarCompiler(
+            bundle.tokenizer, bundle.config.vocab_size, bundle.eos_token_ids
+        )
         self._ids = itertools.count()
 
     @property
@@ -135,6 +139,8 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        guided = params.guided_decoding
+        guide = None if guided is None else self.grammars.compile(guided)
         now = self.clock()
         arrival_time = now if arrival_time is None else arrival_time
         if self.policy is not None:
@@ -177,6 +183,7 @@ class LLMEngine:
             pinned=pinned,
             min_shape=floor,
             slo=slo,
+            guide=guide,
         )
         return request_id
 

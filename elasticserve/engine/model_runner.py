@@ -77,4 +77,5 @@ class ModelRunner:
             [r.seq.prompt_token_ids for r in requests],
             [r.seq.output_token_ids for r in requests],
             self.eos_token_ids,
+            [r.guide for r in requests],
         )

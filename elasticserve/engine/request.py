@@ -9,6 +9,7 @@ import torch
 from ..model.shapes import ShapeSpec
 from ..policy.types import SLO
 from .detokenize import IncrementalDetokenizer
+from .guided import Guide
 from .sampling import SamplingParams
 from .sequence import Sequence
 
@@ -33,3 +34,4 @@ class Request:
     pinned: bool = False  # an explicit shape: the policy never changes it
     min_shape: ShapeSpec | None = None  # the policy never goes below it in depth or width
     slo: SLO = field(default_factory=SLO)
+    guide: Guide | None = None  # the grammar of a structured-output request

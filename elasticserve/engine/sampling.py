@@ -1,10 +1,13 @@
 """Sampling parameters (vLLM's subset) and the batched sampler that picks each row's next token."""
 
 import math
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import torch
+
+from .guided import Guide, GuidedDecodingParams, allocate_bitmask, bitmask_to_bool
 
 _GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a smaller temperature is greedy
 _MAX_LOGPROBS = 20
@@ -35,6 +38,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    guided_decoding: GuidedDecodingParams | None = None  # structured output (engine/guided.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.stop, str | list | tuple | None):
@@ -117,8 +121,12 @@ class Sampler:
         prompt_token_ids: list[list[int]],
         output_token_ids: list[list[int]],
         eos_token_ids: AbstractSet[int],
+        guides: Sequence[Guide | None] | None = None,
     ) -> SamplerOutput:
-        """Sample one token per row of logits [B, V]; seeded rows draw only from their generator."""
+        """Sample one token per row of logits [B, V]; seeded rows draw only from their generator.
+
+        A row with a guide samples only the tokens its grammar allows next.
+        """
         batch = logits.shape[0]
         assert logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}"
         lengths = {len(params), len(generators), len(prompt_token_ids), len(output_token_ids)}
@@ -127,6 +135,9 @@ class Sampler:
         processed = _penalise_and_mask(
             raw, params, prompt_token_ids, output_token_ids, eos_token_ids
         )
+        if guides is not None and any(g is not None for g in guides):
+            assert len(guides) == batch, f"guides must have {batch} entries, got {len(guides)}"
+            processed = _apply_guides(raw, processed, guides, output_token_ids)
         tokens = _pick(processed, params, generators)  # [B]
         return _report(raw, tokens, params)
 
@@ -160,6 +171,33 @@ def _penalise_and_mask(
     for i, ids in banned.items():
         logits[i, [t for t in ids if t < vocab]] = -math.inf
     return logits
+
+
+def _apply_guides(
+    raw: torch.Tensor,
+    logits: torch.Tensor,
+    guides: Sequence[Guide | None],
+    output_token_ids: list[list[int]],
+) -> torch.Tensor:
+    """Mask out of each guided row the tokens its grammar forbids next."""
+    # raw, logits: [B, V]; logits may be raw itself, which must stay intact for the log-probs
+    rows = [i for i, g in enumerate(guides) if g is not None]
+    vocab = logits.shape[1]
+    bitmask = allocate_bitmask(len(rows), vocab)  # [G, ceil(V / 32)]
+    for j, i in enumerate(rows):
+        guide = guides[i]
+        assert guide is not None
+        guide.fill_mask(output_token_ids[i], bitmask, j)
+    allowed = bitmask_to_bool(bitmask, vocab).to(logits.device)  # [G, V]
+    index = torch.tensor(rows, device=logits.device)
+    masked = logits[index].masked_fill(~allowed, -math.inf)  # [G, V]
+    # min_tokens may ban the only tokens the grammar allows (its end): the grammar wins
+    dead = (masked == -math.inf).all(dim=-1)  # [G]
+    if bool(dead.any()):
+        masked[dead] = raw[index[dead]].masked_fill(~allowed[dead], -math.inf)
+    out = logits.clone() if logits is raw else logits
+    out[index] = masked
+    return out
 
 
 def _has_penalty(p: SamplingParams) -> bool:
