@@ -36,3 +36,12 @@ def allocate(
     # [num_blocks * block_size, 2 (v, k: the order the fused projection makes them), kv, hd]
     shape = (num_blocks * block_size, 2, config.num_kv_heads, config.head_dim)
     return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def copy_blocks(cache: torch.Tensor, copies: list[tuple[int, int]], block_size: int) -> None:
+    """Copy whole blocks `src -> dst` in the pool (copy-on-write of shared blocks)."""
+    # [num_blocks, block_size, 2, kv, hd]: every source is read before any destination is written
+    blocks = cache.view(-1, block_size, *cache.shape[1:])
+    src = torch.tensor([a for a, _ in copies], device=cache.device)
+    dst = torch.tensor([b for _, b in copies], device=cache.device)
+    blocks[dst] = blocks[src]

@@ -7,6 +7,7 @@ detokenizes, ends those that completed a stop string, and reports an output per 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import Counter
@@ -21,16 +22,17 @@ from ..model.shapes import Shape, ShapeSpec
 from ..policy.base import Policy
 from ..policy.step_time import StepLoad, attn_pairs, step_load
 from ..policy.types import SLO, LoadState, Overloaded, Refuse, RequestView
+from . import kv_cache
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .guided import GrammarCompiler
 from .load_tracker import LoadTracker
 from .model_runner import ModelRunner
-from .output_processor import process_token, request_output, snapshot
+from .output_processor import group_output, process_token, request_output, snapshot
 from .outputs import EngineStats, RequestOutput, RequestSnapshot
-from .request import Request
+from .request import Request, RequestGroup
 from .sampling import SamplerOutput, SamplingParams
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
 
 
@@ -43,6 +45,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True  # reuse the KV of a prompt's cached prefix, same shape
 
 
 class LLMEngine:
@@ -68,7 +71,9 @@ class LLMEngine:
         self.runner = ModelRunner(
             bundle, config.block_size, config.kv_cache_memory, config.max_num_seqs
         )
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -78,7 +83,8 @@ class LLMEngine:
             ),
             self.block_manager,
         )
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # by sequence id (a group's children too)
+        self.groups: dict[str, RequestGroup] = {}  # parallel-sampling requests by request id
         self.eos_token_ids = bundle.eos_token_ids
         self.grammars = GrammarCompiler(
             bundle.tokenizer, bundle.config.vocab_size, bundle.eos_token_ids
@@ -137,8 +143,13 @@ class LLMEngine:
                 f"model's context length of {max_len} tokens"
             )
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        size = params.num_sequences
+        if size > self.config.max_num_seqs:
+            raise ValueError(
+                f"n / best_of ({size}) exceeds max_num_seqs={self.config.max_num_seqs}"
+            )
         guided = params.guided_decoding
         guide = None if guided is None else self.grammars.compile(guided)
         now = self.clock()
@@ -166,13 +177,15 @@ class LLMEngine:
             arrival_time=arrival_time,
             stop_token_ids=frozenset(params.stop_token_ids or ())
             | (frozenset() if params.ignore_eos else self.eos_token_ids),
+            cache_key=spec.id,
+            pending_forks=size - 1,
         )
         self.scheduler.add(seq)
         self.load.arrive(now, len(token_ids), max_tokens)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.bundle.model.device).manual_seed(params.seed)
-        self.requests[request_id] = Request(
+        req = self.requests[request_id] = Request(
             seq=seq,
             prompt=text,
             params=params,
@@ -185,12 +198,18 @@ class LLMEngine:
             slo=slo,
             guide=guide,
         )
+        if size > 1:
+            req.group = RequestGroup(request_id, params.n, size, [req])
+            self.groups[request_id] = req.group
         return request_id
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
-        if self.scheduler.abort(request_id) is not None:
-            self.requests.pop(request_id, None)
+        group = self.groups.pop(request_id, None)
+        members = [m.seq.seq_id for m in group.members] if group is not None else [request_id]
+        for seq_id in members:
+            if self.scheduler.abort(seq_id) is not None:
+                self.requests.pop(seq_id, None)
         if not self.scheduler.has_unfinished():
             self._busy_since = None  # a caller may now idle before the next step
 
@@ -204,6 +223,8 @@ class LLMEngine:
             )
         if spec.layers != req.seq.layers:
             self.block_manager.drop_layers(req.seq, spec.layers)
+        if spec.id != req.spec.id and req.seq.block_table:
+            req.seq.cache_key = None  # its K/V now mix two shapes: exact for neither
         req.spec = spec
 
     def has_unfinished_requests(self) -> bool:
@@ -219,11 +240,21 @@ class LLMEngine:
         """Requests running and waiting, and the KV pool's use."""
         bm, scheduler = self.block_manager, self.scheduler
         running, waiting = scheduler.num_running, scheduler.num_waiting
-        return EngineStats(running, waiting, bm.usage, bm.num_free_blocks, bm.num_blocks)
+        return EngineStats(
+            running,
+            waiting,
+            bm.usage,
+            bm.num_free_blocks,
+            bm.num_blocks,
+            bm.queried_tokens,
+            bm.hit_tokens,
+        )
 
     def request(self, request_id: str) -> RequestSnapshot | None:
         """A view of an unfinished request (None once it finished, or if unknown)."""
         req = self.requests.get(request_id)
+        if req is None and (group := self.groups.get(request_id)) is not None:
+            req = next((m for m in group.members if m.finish_reason is None), None)
         return None if req is None else snapshot(req)
 
     def requests_by_shape(self) -> tuple[Counter[str], Counter[str]]:
@@ -271,6 +302,11 @@ class LLMEngine:
         if out.is_empty:
             self._busy_since = None
             return []
+        for seq in out.preempted:  # recomputed from scratch, at its current shape: exact again
+            seq.cache_key = self.requests[seq.seq_id].spec.id
+        self._fork(out)
+        if copies := self.block_manager.take_copies():
+            kv_cache.copy_blocks(self.runner.cache, copies, self.config.block_size)
         load = step_load(
             (self.requests[s.seq.seq_id].spec.shape, s.num_new_tokens, s.start)
             for s in out.scheduled
@@ -311,7 +347,7 @@ class LLMEngine:
                 len(spec.layers), seq.num_prompt_tokens + seq.max_tokens
             )
             if need <= self.block_manager.num_blocks:  # no KV yet: any depth that can fit
-                seq.layers, req.spec = spec.layers, spec
+                seq.layers, req.spec, seq.cache_key = spec.layers, spec, spec.id
                 self.shape_switches["queued"] += 1
 
     def _load_state(self, now: float) -> LoadState:
@@ -346,18 +382,74 @@ class LLMEngine:
             slo=req.slo,
         )
 
+    def _fork(self, out: SchedulerOutput) -> None:
+        """Fork the other members of each parallel-sampling request whose prompt this step ends.
+
+        Member i shares the parent's blocks and samples with seed + i (vLLM's children seeds).
+        """
+        for s in out.scheduled:
+            parent_seq = s.seq
+            if not (parent_seq.pending_forks and s.will_sample):
+                continue
+            parent = self.requests[parent_seq.seq_id]
+            params, group = parent.params, parent.group
+            assert group is not None
+            for index in range(1, parent_seq.pending_forks + 1):
+                seq = Sequence(
+                    seq_id=f"{group.request_id}#{index}",
+                    prompt_token_ids=parent_seq.prompt_token_ids,
+                    layers=parent_seq.layers,
+                    max_tokens=parent_seq.max_tokens,
+                    priority=parent_seq.priority,
+                    arrival_time=parent_seq.arrival_time,
+                    stop_token_ids=parent_seq.stop_token_ids,
+                    cache_key=parent_seq.cache_key,
+                )
+                self.scheduler.fork(parent_seq, seq)
+                generator = None
+                if params.seed is not None:
+                    generator = torch.Generator(self.bundle.model.device)
+                    generator.manual_seed(params.seed + index)
+                guided = params.guided_decoding
+                child = dataclasses.replace(
+                    parent,
+                    seq=seq,
+                    detokenizer=IncrementalDetokenizer(
+                        self.tokenizer, seq.prompt_token_ids, params
+                    ),
+                    generator=generator,
+                    logprobs=[] if params.logprobs is not None else None,
+                    cumulative_logprob=0.0,
+                    shape_tokens={},
+                    narrowest=None,
+                    guide=None if guided is None else self.grammars.compile(guided),
+                    index=index,
+                )
+                self.requests[seq.seq_id] = child
+                group.members.append(child)
+            parent_seq.pending_forks = 0
+
     def _postprocess(self, sampled: list[Request], result: SamplerOutput) -> list[RequestOutput]:
         """An output per sampled request; requests that finished leave the engine."""
         outputs = []
+        groups: dict[str, RequestGroup] = {}
         for i, req in enumerate(sampled):
             top = result.top_logprobs[i]
             delta, stop_string = process_token(req, result.token_ids[i], result.logprobs[i], top)
             if stop_string:
                 self.scheduler.finish(req.seq, SequenceStatus.FINISHED_STOPPED)
-            outputs.append(request_output(req, delta))
+            if req.group is None:
+                outputs.append(request_output(req, delta))
+            else:
+                req.group.deltas[req.index] = delta
+                groups[req.group.request_id] = req.group
             if req.finish_reason is not None:
                 del self.requests[req.seq.seq_id]
                 self.load.finish(req.seq.num_output_tokens)
+        for group in groups.values():
+            outputs.append(group_output(group))
+            if group.finished:
+                del self.groups[group.request_id]
         return outputs
 
 

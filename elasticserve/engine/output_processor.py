@@ -6,8 +6,10 @@ or its length; the text delta the detokenizer emits goes into the output as it i
 
 from __future__ import annotations
 
+import dataclasses
+
 from .outputs import CompletionOutput, RequestOutput, RequestSnapshot
-from .request import Request
+from .request import Request, RequestGroup
 from .sequence import SequenceStatus
 
 
@@ -40,12 +42,11 @@ def process_token(
     return delta, stop_string
 
 
-def request_output(req: Request, text_delta: str) -> RequestOutput:
-    """The request's output after its latest token; its token and log-prob lists are not copied."""
+def completion_output(req: Request, text_delta: str) -> CompletionOutput:
+    """One sequence's choice after its latest token; its token and log-prob lists not copied."""
     seq = req.seq
-    narrowest = req.narrowest or req.spec
-    completion = CompletionOutput(
-        index=0,
+    return CompletionOutput(
+        index=req.index,
         text=req.detokenizer.text,
         token_ids=seq.output_token_ids,
         cumulative_logprob=req.cumulative_logprob,
@@ -55,15 +56,54 @@ def request_output(req: Request, text_delta: str) -> RequestOutput:
         text_delta=text_delta,
         num_tokens=seq.num_output_tokens,
     )
+
+
+def request_output(req: Request, text_delta: str) -> RequestOutput:
+    """The request's output after its latest token; its token and log-prob lists are not copied."""
+    seq = req.seq
+    narrowest = req.narrowest or req.spec
     return RequestOutput(
         request_id=seq.seq_id,
         prompt=req.prompt,
         prompt_token_ids=seq.prompt_token_ids,
-        outputs=[completion],
+        outputs=[completion_output(req, text_delta)],
         finished=req.finish_reason is not None,
         shape=req.spec.name,
         narrowest_shape=narrowest.name,
         shape_tokens=dict(req.shape_tokens),
+        num_cached_tokens=seq.num_cached_tokens,
+    )
+
+
+def group_output(group: RequestGroup) -> RequestOutput:
+    """A parallel-sampling request's output: a choice per member, each with its own text delta.
+
+    Once every member finished, best_of > n keeps the n of highest cumulative log-prob,
+    re-indexed in that order (vLLM's ranking).
+    """
+    members = group.members
+    finished = group.finished
+    deltas, group.deltas = group.deltas, {}
+    choices = [completion_output(m, deltas.get(m.index, "")) for m in members]
+    if finished and group.size > group.n:
+        best = sorted(choices, key=lambda c: -(c.cumulative_logprob or 0.0))[: group.n]
+        choices = [dataclasses.replace(c, index=i) for i, c in enumerate(best)]
+    parent = members[0]
+    narrowest = min((m.narrowest or m.spec for m in members), key=lambda spec: spec.weight_fraction)
+    shape_tokens: dict[str, int] = {}
+    for m in members:
+        for name, count in m.shape_tokens.items():
+            shape_tokens[name] = shape_tokens.get(name, 0) + count
+    return RequestOutput(
+        request_id=group.request_id,
+        prompt=parent.prompt,
+        prompt_token_ids=parent.seq.prompt_token_ids,
+        outputs=choices,
+        finished=finished,
+        shape=max(members, key=lambda m: m.seq.num_output_tokens).spec.name,
+        narrowest_shape=narrowest.name,
+        shape_tokens=shape_tokens,
+        num_cached_tokens=parent.seq.num_cached_tokens,
     )
 
 

@@ -38,6 +38,7 @@ class RequestOutput:
     narrowest_shape: str  # the narrowest shape that produced any of its tokens
     shape_tokens: dict[str, int] = field(default_factory=dict)  # generated tokens per shape
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class EngineStats:
     kv_usage: float = 0.0
     num_free_blocks: int = 0
     num_blocks: int = 0
+    # prefix cache, since start: prompt tokens of admitted sequences looked up / found
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 @dataclass(frozen=True)

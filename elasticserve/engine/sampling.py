@@ -20,7 +20,8 @@ _NUCLEUS_CANDIDATES = 256
 class SamplingParams:
     """vLLM's SamplingParams subset (same names, same defaults)."""
 
-    n: int = 1
+    n: int = 1  # choices returned
+    best_of: int | None = None  # sequences sampled, the n of highest cumulative log-prob returned
     max_tokens: int | None = 16  # None: up to the context length (the engine resolves it)
     min_tokens: int = 0
     temperature: float = 1.0  # below 1e-5: greedy
@@ -50,6 +51,11 @@ class SamplingParams:
             self.top_k = 0
 
     @property
+    def num_sequences(self) -> int:
+        """Sequences sampled for the request: best_of, else n."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
     def is_greedy(self) -> bool:
         """Whether this request takes the argmax (vLLM treats tiny temperatures as 0)."""
         return self.temperature < _GREEDY_EPS
@@ -71,8 +77,9 @@ def _require(ok: bool, field: str, value: object, rule: str) -> None:
 def _validate(p: SamplingParams) -> None:
     """Raise ValueError naming the first field outside vLLM's accepted range."""
     _require(_is_int(p.n) and p.n >= 1, "n", p.n, "an integer >= 1")
-    if p.n > 1:
-        raise ValueError(f"n > 1 is not supported (got n={p.n}); send n separate requests")
+    if p.best_of is not None:
+        rule = f"an integer >= n ({p.n})"
+        _require(_is_int(p.best_of) and p.best_of >= p.n, "best_of", p.best_of, rule)
     max_ok = p.max_tokens is None or (_is_int(p.max_tokens) and p.max_tokens >= 1)
     _require(max_ok, "max_tokens", p.max_tokens, "an integer >= 1 or None")
     _require(_is_int(p.min_tokens) and p.min_tokens >= 0, "min_tokens", p.min_tokens, ">= 0")

@@ -11,13 +11,15 @@ recomputation after preemption and decodes are the same thing. One step:
    waiting) until the growth fits; if the sequence itself is the worst, it is preempted.
 2. If nothing was preempted, waiting sequences are admitted in order (strict FCFS within a
    priority: a head that does not fit blocks the queue) while the token budget, max_num_seqs and
-   free blocks allow. A chunk is min(uncomputed, budget left), or the whole prompt without
-   chunked prefill. Admission reserves blocks for this chunk only and leaves a watermark free
-   for running decodes, unless nothing runs.
+   free blocks allow. A sequence first adopts its longest chain of cached prefix blocks (the
+   block manager's prefix cache) and starts after them. A chunk is min(uncomputed, budget left),
+   or the whole rest of the prompt without chunked prefill. Admission reserves blocks for this
+   chunk only and leaves a watermark free for running decodes, unless nothing runs.
 
 Per engine step: `out = schedule()`; run the model on `out.scheduled`; then
 `postprocess(out, token_ids)` with one sampled token per `will_sample` sequence: it advances
-progress, appends each token, and finishes the sequences that sampled one of their stop tokens
+progress, registers the newly computed full blocks in the prefix cache, appends each token, and
+finishes the sequences that sampled one of their stop tokens
 or reached max_tokens or the context length. The engine `finish()`es the ones it stops itself
 (a stop string in the text).
 """
@@ -156,14 +158,21 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
-            n = seq.num_uncomputed_tokens
+            if len(self.running) + 1 + seq.pending_forks > self.config.max_num_seqs:
+                break
+            hits = bm.match(seq)
+            cached = len(hits) * bm.block_size
+            n = seq.num_tokens - cached
             if n > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(n, budget)
             reserve = self._watermark if self.running else 0
-            if bm.blocks_to_grow(seq, n) > bm.num_free_blocks - reserve:
+            if bm.blocks_to_admit(seq, hits, cached + n) > bm.num_free_blocks - reserve:
                 break
-            bm.grow(seq, n)
+            bm.admit(seq, hits)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = cached
+            bm.grow(seq, cached + n)
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=self._rank)
@@ -191,6 +200,7 @@ class Scheduler:
                 continue
             assert seq.num_computed_tokens == s.start, f"{seq.seq_id!r} postprocessed twice"
             seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.cache_blocks(seq)
             if token is None:
                 continue
             seq.append_token(token)
@@ -201,6 +211,29 @@ class Scheduler:
                 or seq.num_tokens >= self.config.max_model_len
             ):
                 self.finish(seq, SequenceStatus.FINISHED_LENGTH)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Run `child` beside `parent`, whose chunk now scheduled completes its prompt.
+
+        The child shares the parent's blocks and recomputes only the prompt's last token (to
+        sample a first token of its own); the first write of either into a shared block copies it.
+        """
+        bm = self.block_manager
+        if parent.status is not SequenceStatus.RUNNING or not parent.block_table:
+            raise ValueError(f"{parent.seq_id!r} is not running with blocks: cannot fork it")
+        if len(parent.block_table[0]) * bm.block_size < parent.num_prompt_tokens:
+            raise ValueError(f"{parent.seq_id!r}'s blocks do not cover its prompt yet")
+        if child.seq_id in self._seqs:
+            raise ValueError(f"request id {child.seq_id!r} is already in use")
+        if child.prompt_token_ids != parent.prompt_token_ids or child.output_token_ids:
+            raise ValueError(f"{child.seq_id!r} must be a fresh copy of {parent.seq_id!r}'s prompt")
+        bm.fork(parent, child)
+        child.num_computed_tokens = parent.num_prompt_tokens - 1
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.status = SequenceStatus.RUNNING
+        self._ranks[child.seq_id] = self._ranks[parent.seq_id]
+        self._seqs[child.seq_id] = child
+        bisect.insort(self.running, child, key=self._rank)
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Remove seq from the queues, free its blocks, set its final status; no-op if done."""

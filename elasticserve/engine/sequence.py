@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .block_manager import CachedBlock
 
 
 class SequenceStatus(enum.Enum):
@@ -36,6 +40,13 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[list[int]] = field(default_factory=list)  # [kept layer][logical block]
     num_preemptions: int = 0
+    # prefix caching: the key its full blocks are registered and looked up under (the shape id;
+    # None: never), the registered entries of its leading blocks, and the prompt tokens its
+    # first admission found cached
+    cache_key: int | None = None
+    cached_chain: list[CachedBlock] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    pending_forks: int = 0  # parallel sampling: children it forks once its prompt is computed
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)

@@ -122,3 +122,94 @@ def test_double_free_and_foreign_ids_are_bugs() -> None:
 def test_bad_sizes_are_rejected() -> None:
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(num_blocks=8, block_size=0)
+
+
+# -- reference counts, copy-on-write, prefix caching ---------------------------------------------
+
+
+def computed_seq(bm: BlockManager, tokens: list[int], seq_id: str, key: int | None = 0) -> Sequence:
+    """A sequence of `tokens` (layers 0, 1) whose KV is all computed, its full blocks registered."""
+    seq = Sequence(seq_id, list(tokens), (0, 1), max_tokens=8, cache_key=key)
+    bm.admit(seq, bm.match(seq))
+    bm.grow(seq, len(tokens))
+    seq.num_computed_tokens = len(tokens)
+    bm.cache_blocks(seq)
+    return seq
+
+
+def test_full_blocks_are_found_by_their_chain_of_tokens_and_shape() -> None:
+    bm = BlockManager(num_blocks=32, block_size=4, enable_caching=True)
+    first = computed_seq(bm, list(range(10)), "first")
+    assert bm.num_cached_blocks == 2 * 2  # two full blocks in two layers; the partial one is not
+    bm.free(first)
+    assert bm.num_free_blocks == 32 and bm.usage == 0.0  # cached blocks count as free
+
+    def hits(tokens: list[int], key: int | None = 0) -> int:
+        return len(bm.match(Sequence("q", tokens, (0, 1), max_tokens=1, cache_key=key)))
+
+    assert hits([*list(range(8)), 99, 98]) == 2
+    assert hits(list(range(8))) == 1  # the last token is always recomputed, to get its logits
+    assert hits([*list(range(4)), 7, 7, 7, 7, 0]) == 1  # a different second block
+    assert hits([5, 1, 2, 3, *list(range(4, 9))]) == 0  # same second block, other parent
+    assert hits(list(range(10)), key=1) == 0  # another shape's K/V is not exact
+    assert hits(list(range(10)), key=None) == 0
+    shallow = Sequence("s", list(range(10)), (1,), max_tokens=1, cache_key=0)
+    assert bm.match(shallow) == []  # an entry holds every kept layer of its shape
+
+
+def test_a_hit_shares_the_blocks_and_skips_their_tokens() -> None:
+    bm = BlockManager(num_blocks=32, block_size=4, enable_caching=True)
+    first = computed_seq(bm, list(range(10)), "first")
+    second = Sequence("second", [*list(range(9)), 50, 51], (0, 1), max_tokens=4, cache_key=0)
+    hits = bm.match(second)
+    assert bm.blocks_to_admit(second, hits, 11) == 2  # one new block per layer
+    assert bm.admit(second, hits) == 8 and second.num_computed_tokens == 8
+    bm.grow(second, 11)
+    assert [t[:2] for t in second.block_table] == [t[:2] for t in first.block_table]
+    assert all(bm.refcount(b) == 2 for t in first.block_table for b in t[:2])
+    assert bm.queried_tokens == 10 + 11 and bm.hit_tokens == 8
+    bm.free(first)
+    assert all(bm.refcount(b) == 1 for t in second.block_table for b in t[:2])
+    bm.free(second)
+    assert bm.num_free_blocks == 32
+
+
+def test_eviction_takes_never_cached_blocks_first_then_least_recently_released() -> None:
+    bm = BlockManager(num_blocks=8, block_size=2, enable_caching=True)
+    old = computed_seq(bm, [1, 2, 3, 4], "old")  # 2 layers x 2 full blocks
+    bm.free(old)
+    new = computed_seq(bm, [5, 6, 7, 8], "new")  # takes the 4 never-cached blocks
+    assert bm.num_cached_blocks == 8
+    bm.free(new)
+    taker = Sequence("t", [9] * 3, (0,), max_tokens=1, cache_key=None)
+    bm.grow(taker, 2)  # evicts one of old's blocks: old's whole entry for that block goes
+    assert bm.match(Sequence("o", [1, 2, 3, 4, 0], (0, 1), max_tokens=1, cache_key=0)) != []
+    # old released its tail block first: the tail entry is the one evicted, the head stays
+    assert len(bm.match(Sequence("o", [1, 2, 3, 4, 0], (0, 1), max_tokens=1, cache_key=0))) == 1
+    assert len(bm.match(Sequence("n", [5, 6, 7, 8, 0], (0, 1), max_tokens=1, cache_key=0))) == 2
+    bm.free(taker)
+    assert bm.num_free_blocks == 8
+
+
+def test_fork_shares_blocks_and_the_first_write_copies_the_shared_block() -> None:
+    bm = BlockManager(num_blocks=32, block_size=4)
+    parent = make_seq(layers=(0, 1), prompt_len=6, seq_id="p")
+    bm.grow(parent, 6)
+    parent.num_computed_tokens = 6
+    child = make_seq(layers=(0, 1), prompt_len=6, seq_id="c")
+    bm.fork(parent, child)
+    assert child.block_table == parent.block_table and bm.num_free_blocks == 32 - 4
+    child.num_computed_tokens = 5  # recompute the prompt's last token
+    assert bm.blocks_to_grow(child, 6) == 2  # the shared second block, in each layer
+    bm.grow(child, 6)
+    copies = bm.take_copies()
+    assert copies == [
+        (parent.block_table[0][1], child.block_table[0][1]),
+        (parent.block_table[1][1], child.block_table[1][1]),
+    ]
+    assert [t[0] for t in child.block_table] == [t[0] for t in parent.block_table]
+    assert all(bm.refcount(t[1]) == 1 for t in parent.block_table + child.block_table)
+    assert bm.blocks_to_grow(parent, 7) == 0  # the parent is the last holder: no copy
+    bm.free(parent)
+    bm.free(child)
+    assert bm.num_free_blocks == 32 and bm.take_copies() == []

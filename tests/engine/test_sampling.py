@@ -79,8 +79,8 @@ def test_params_reject_min_tokens_above_max_tokens() -> None:
 
 
 def test_params_reject_unsupported_features_clearly() -> None:
-    with pytest.raises(ValueError, match="n > 1 is not supported"):
-        SamplingParams(n=2)
+    with pytest.raises(ValueError, match=r"best_of must be an integer >= n \(3\), got 2"):
+        SamplingParams(n=3, best_of=2)
     with pytest.raises(ValueError, match="prompt_logprobs is not supported"):
         SamplingParams(prompt_logprobs=1)
 

@@ -386,3 +386,29 @@ def test_random_simulation_finishes_everything_without_leaks(seed: int) -> None:
             for _ in range(seq.max_tokens):
                 tokens.append(fake_token(tokens))
             assert seq.all_token_ids == tokens
+
+
+def test_a_cached_prefix_is_not_prefilled_again_and_cached_blocks_go_before_preemption() -> None:
+    cfg = SchedulerConfig(watermark=0.0, max_num_batched_tokens=64)
+    sched = Scheduler(cfg, BlockManager(num_blocks=12, block_size=4, enable_caching=True))
+    first = make_seq("first", prompt_len=13, max_tokens=1)
+    first.cache_key = 0
+    sched.add(first)
+    while sched.has_unfinished():
+        finish_step(sched, sched.schedule())
+    assert sched.block_manager.num_free_blocks == 12  # 3 blocks x 2 layers stay cached
+    turn = Sequence("turn", [*first.all_token_ids, 7, 8, 9], (0, 1), 2, cache_key=0)
+    sched.add(turn)
+    out = sched.schedule()
+    assert plan(out) == [("turn", 17 - 12)] and turn.num_cached_tokens == 12
+    finish_step(sched, out)
+    # a stranger needs 10 of the 12 blocks: the cached ones are evicted, nobody is preempted
+    stranger = make_seq("stranger", prompt_len=17, max_tokens=2, layers=(0, 1))
+    sched.add(stranger)
+    seen = []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        seen += out.preempted
+        finish_step(sched, out)
+    assert seen == [] and turn.num_output_tokens == 2 and stranger.num_output_tokens == 2
+    assert sched.block_manager.num_free_blocks == 12
