@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from fastapi import FastAPI
 
-from . import completions, health, models
+from . import completions, health, models, tokens
 from .async_engine import AsyncLLMEngine
 from .errors import ApiKeyMiddleware, install_error_handlers
 from .state import ServerState
@@ -33,7 +33,7 @@ def build_app(
     server = ServerState(engine, name, shape_latency or {})
     app = FastAPI(title="elasticserve", summary="OpenAI-compatible elastic LLM server")
     app.state.server = server
-    for endpoints in (models, completions, health):  # one module per endpoint family
+    for endpoints in (models, completions, tokens, health):  # one module per endpoint family
         app.include_router(endpoints.router(server))
     install_error_handlers(app)
     if api_key:

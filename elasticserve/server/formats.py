@@ -175,7 +175,7 @@ class ChatFormat(Format):
         """OpenAI opens a chat stream with the assistant's role and empty content."""
         delta = DeltaMessage(role="assistant", content="")
         chunk = self._chunk(
-            shape, [ChatStreamChoice(delta=delta, logprobs=None, finish_reason=None)]
+            shape, [ChatStreamChoice(index=0, delta=delta, logprobs=None, finish_reason=None)]
         )
         if self.body.include_usage:
             chunk.usage = None

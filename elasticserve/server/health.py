@@ -1,14 +1,16 @@
-"""/health and /metrics: engine liveness and load, and the Prometheus registry."""
+"""/health, /ping, /version and /metrics: liveness and load, version, the Prometheus registry."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .errors import APIError
+from .protocol import VersionResponse
 from .state import ServerState
 
 
@@ -21,6 +23,17 @@ def router(server: ServerState) -> APIRouter:
         if not server.engine.is_running:
             raise APIError(503, "the engine is not running", "server_error")
         return JSONResponse({"status": "ok", **dataclasses.asdict(server.engine.stats())})
+
+    @routes.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        """vLLM's (and SageMaker's) liveness probe: 200 with no body while the engine runs."""
+        if not server.engine.is_running:
+            raise APIError(503, "the engine is not running", "server_error")
+        return Response(status_code=200)
+
+    @routes.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        return VersionResponse(version=importlib.metadata.version("elasticserve"))
 
     @routes.get("/metrics")
     async def metrics() -> Response:

@@ -1,17 +1,20 @@
 """OpenAI protocol models (pydantic v2), with vLLM's extra sampling fields and elasticserve's SLO.
 
-Requests validate strictly (a string is not an integer) and ignore unknown fields, as vLLM does;
-`to_sampling_params` turns a request into engine SamplingParams and raises `RequestError` naming
-the parameter for what the engine does not support.
+Requests validate strictly (a string is not an integer); `to_sampling_params` turns a request
+into engine SamplingParams and raises `RequestError` naming the parameter for anything the server
+does not implement: an unknown field, or a vLLM/OpenAI one it lacks sent with a value that is not
+its "off" value (vLLM logs and ignores unknown fields; a silent default is worse than a 400).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from elasticserve.engine.guided import GuidedDecodingParams
 from elasticserve.engine.sampling import SamplingParams
 
 # Anything wider cannot reach torch (an int64) and no sane request needs it.
@@ -55,8 +58,73 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool | None = None  # vLLM: usage in every chunk
 
 
+# vLLM / OpenAI request fields not implemented here, each with the value that means "off"; sent
+# with that value (or null) they are accepted, with any other a 400 names them.
+UNSUPPORTED_FIELDS: dict[str, object] = {
+    "prompt_logprobs": None,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "early_stopping": False,
+    "truncate_prompt_tokens": None,
+    "allowed_token_ids": None,
+    "bad_words": [],
+    "logits_processors": None,
+    "guided_whitespace_pattern": None,
+    "return_tokens_as_token_ids": False,
+    "return_token_ids": False,
+    "spaces_between_special_tokens": True,
+    "prompt_embeds": None,
+    "chat_template": None,
+    "chat_template_kwargs": {},
+    "documents": None,
+    "continue_final_message": False,
+    "functions": None,
+    "function_call": None,
+    "audio": None,
+    "modalities": ["text"],
+    "prediction": None,
+    "reasoning_effort": None,
+    "web_search_options": None,
+    "mm_processor_kwargs": None,
+    "kv_transfer_params": None,
+    "vllm_xargs": None,
+    "cache_salt": None,
+    "add_special_tokens": True,  # completions' default; chat has the field (its default: false)
+}
+# Fields that change nothing a request gets back: accepted and ignored, as OpenAI's own server.
+IGNORED_FIELDS = frozenset(
+    {"store", "metadata", "service_tier", "parallel_tool_calls", "request_id"}
+)
+GUIDED_BACKENDS = ("auto", "xgrammar")
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` (its newer name for the guided_* fields)."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingRequest(_Request):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
+
+    # extra fields are kept, to be refused by name (`_refuse_unsupported`), never dropped
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
     # Every field takes an explicit null as "the default": some SDKs send all of them.
     model: str | None = None  # None: the base model, the policy picks the shape
@@ -81,19 +149,90 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     priority: Int64 | None = None  # lower is served first
+    # structured output: one of these at most (vLLM's guided_* fields, OpenAI's response_format)
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     # elasticserve
     slo: SLO | None = None
 
+    def _refuse_unsupported(self) -> None:
+        """RequestError naming the first field sent that the server does not implement."""
+        for name, value in (self.model_extra or {}).items():
+            if name in IGNORED_FIELDS:
+                continue
+            if name not in UNSUPPORTED_FIELDS:
+                raise RequestError(f"unknown parameter '{name}'", name)
+            if value is not None and value != UNSUPPORTED_FIELDS[name]:
+                raise RequestError(f"{name} is not supported (got {_short(value)}); omit it", name)
+
+    def guided_decoding(self) -> GuidedDecodingParams | None:
+        """The request's structured-output constraint; RequestError if it sets two."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append(("response_format", self._response_format_constraint()))
+        for field, key in [
+            ("guided_json", "json"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"),
+        ]:
+            if getattr(self, field) is not None:
+                given.append((field, {key: getattr(self, field)}))
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            fields: dict[str, Any] = {"json": so.json_, "regex": so.regex, "choice": so.choice}
+            fields |= {"grammar": so.grammar, "json_object": so.json_object or None}
+            given += [("structured_outputs", {k: v}) for k, v in fields.items() if v is not None]
+        backend = self.guided_decoding_backend
+        if backend is not None and backend not in GUIDED_BACKENDS:
+            raise RequestError(
+                f"guided_decoding_backend {backend!r} is not available; use one of "
+                f"{', '.join(GUIDED_BACKENDS)}",
+                "guided_decoding_backend",
+            )
+        if not given:
+            return None
+        if len(given) > 1:
+            names = " and ".join(name for name, _ in given[:2])
+            raise RequestError(f"set one structured-output constraint, got {names}", given[1][0])
+        field, constraint = given[0]
+        try:
+            return GuidedDecodingParams(**constraint)
+        except ValueError as exc:
+            raise RequestError(f"{field}: {exc}", field) from exc
+
+    def _response_format_constraint(self) -> dict[str, Any]:
+        fmt = self.response_format
+        assert fmt is not None
+        if fmt.type == "json_object":
+            return {"json_object": True}
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise RequestError(
+                "response_format json_schema needs json_schema.schema", "response_format"
+            )
+        return {"json": fmt.json_schema.schema_}
+
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        self._refuse_unsupported()
+        if self.n not in (None, 1):  # the engine samples n; the responses carry one choice yet
+            raise RequestError(f"n must be 1, got {self.n}; send n separate requests", "n")
         if self.logit_bias:
             raise RequestError("logit_bias is not supported", "logit_bias")
+        guided = self.guided_decoding()
         try:
-            return self._build_params(max_tokens, logprobs)
+            params = self._build_params(max_tokens, logprobs)
         except ValueError as exc:  # SamplingParams names the field first: "top_p must be ..."
             field = str(exc).split(" ", 1)[0]
             raise RequestError(
                 str(exc), field if field in type(self).model_fields else None
             ) from exc
+        params.guided_decoding = guided
+        return params
 
     def _build_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -159,6 +298,11 @@ class CompletionRequest(_SamplingRequest):
         return self._sampling_params(self.max_tokens, self.logprobs)
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class TextPart(_Request):
     """One part of a message's content; only text parts can be served."""
 
@@ -183,10 +327,6 @@ class ChatMessage(_Request):
         return "".join(part.text or "" for part in self.content)
 
 
-class ResponseFormat(_Request):
-    type: str = "text"
-
-
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
 
@@ -197,7 +337,8 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
+    echo: bool | None = None  # vLLM: not implemented, refused when true
+    add_special_tokens: bool | None = None  # vLLM (default false): not implemented for true
     add_generation_prompt: bool | None = None  # vLLM; None: True
 
     def chat_messages(self) -> list[dict[str, str]]:
@@ -214,10 +355,14 @@ class ChatCompletionRequest(_SamplingRequest):
         """Engine sampling parameters; RequestError for what the server does not support."""
         if self.tools:
             raise RequestError("tool calling is not supported", "tools")
-        if self.response_format is not None and self.response_format.type != "text":
+        if self.tool_choice not in (None, "none", "auto"):
+            raise RequestError("tool calling is not supported", "tool_choice")
+        if self.echo:
+            raise RequestError("echo is not supported; omit it or set it to false", "echo")
+        if self.add_special_tokens:
             raise RequestError(
-                f"response_format {self.response_format.type!r} is not supported; use 'text'",
-                "response_format",
+                "add_special_tokens is not supported: the chat template writes them",
+                "add_special_tokens",
             )
         if self.top_logprobs and not self.logprobs:
             raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
@@ -351,6 +496,23 @@ class CompletionChunk(_Chunk):
     usage: UsageInfo | None = None
 
 
+class ModelPermission(_Response):
+    """vLLM's (and OpenAI's former) permission entry: what a client may do with the model."""
+
+    id: str = Field(default_factory=lambda: f"modelperm-{uuid.uuid4().hex}")
+    object: Literal["model_permission"] = "model_permission"
+    created: int = Field(default_factory=_now)
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(_Response):
     id: str
     object: Literal["model"] = "model"
@@ -359,6 +521,7 @@ class ModelCard(_Response):
     root: str
     parent: str | None = None  # the base model, for a shape
     max_model_len: int
+    permission: list[ModelPermission] = Field(default_factory=lambda: [ModelPermission()])
 
 
 class ModelList(_Response):
@@ -383,3 +546,40 @@ class ShapeCard(_Response):
 class ShapeList(_Response):
     object: Literal["list"] = "list"
     data: list[ShapeCard]
+
+
+# -- tokenizer endpoints (vLLM's /tokenize and /detokenize) ---------------------------------------
+
+
+class TokenizeCompletionRequest(_Request):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool | None = None  # None: True, as a completion's prompt
+    return_token_strs: bool | None = None
+
+
+class TokenizeChatRequest(_Request):
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool | None = None  # None: True
+    return_token_strs: bool | None = None
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[Count]
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+class VersionResponse(_Response):
+    version: str
