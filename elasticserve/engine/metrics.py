@@ -56,7 +56,7 @@ class TokenEvent:
 
 def token_event(times: RequestTimes, out: RequestOutput, now: float) -> TokenEvent | None:
     """Advance `times` past `out`; None if `out` brought no new token."""
-    new = out.outputs[0].num_tokens - times.num_tokens if out.outputs else 0
+    new = sum(c.num_tokens for c in out.outputs) - times.num_tokens  # every choice of n > 1
     if new <= 0:
         return None
     first = times.last_token is None
@@ -109,6 +109,15 @@ class EngineMetrics:
         self.success = self._counter(
             "request_success", "Finished requests.", [*shape, "finished_reason"]
         )
+        self.prefix_queries = self._counter(
+            "prefix_cache_queries",
+            "Prompt tokens of admitted requests looked up in the prefix cache.",
+            ["model_name"],
+        )
+        self.prefix_hits = self._counter(
+            "prefix_cache_hits", "Of those, tokens found in the prefix cache.", ["model_name"]
+        )
+        self._prefix_seen = (0, 0)  # the engine's totals at the last update
         self.switches = self._counter(
             "shape_switches",
             "A request's tokens moved to another shape in flight.",
@@ -135,6 +144,13 @@ class EngineMetrics:
             self.running.labels(self.model_name, name).set(running[name])
             self.waiting.labels(self.model_name, name).set(waiting[name])
         self.kv_usage.labels(self.model_name).set(kv_usage)
+
+    def set_prefix_cache(self, queries: int, hits: int) -> None:
+        """The engine's prefix-cache totals since start (token counts) after a step."""
+        seen_queries, seen_hits = self._prefix_seen
+        self.prefix_queries.labels(self.model_name).inc(max(0, queries - seen_queries))
+        self.prefix_hits.labels(self.model_name).inc(max(0, hits - seen_hits))
+        self._prefix_seen = (max(queries, seen_queries), max(hits, seen_hits))
 
     def on_scheduled(self, shape: str, queue_time: float) -> None:
         """A request ran for the first time, `queue_time` after it arrived."""

@@ -58,6 +58,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length cap")
     parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of a prompt's cached prefix, computed at the same shape",
+    )
+    parser.add_argument(
         "--max-waiting", type=int, default=256, help="queue length beyond which requests get 429"
     )
     parser.add_argument("--log-level", default="info", help="uvicorn log level")

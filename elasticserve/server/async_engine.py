@@ -333,6 +333,9 @@ class AsyncLLMEngine:
         running, waiting = self.engine.requests_by_shape()
         for metrics in self._metrics:
             metrics.set_load(running, waiting, self._stats.kv_usage)
+            metrics.set_prefix_cache(
+                self._stats.prefix_cache_queries, self._stats.prefix_cache_hits
+            )
 
     @staticmethod
     def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from elasticserve.engine.outputs import RequestOutput
+from elasticserve.engine.outputs import CompletionOutput, RequestOutput
 
 from .protocol import (
     ChatChoice,
@@ -21,6 +21,7 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    PromptTokensDetails,
     TopLogProb,
     UsageInfo,
 )
@@ -30,11 +31,14 @@ _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM reports impossible tokens like 
 
 
 def usage_info(out: RequestOutput) -> UsageInfo:
-    prompt, completion = len(out.prompt_token_ids), out.outputs[0].num_tokens
+    """Token counts: the prompt once, every returned choice's tokens, the cached prompt tokens."""
+    prompt = len(out.prompt_token_ids)
+    completion = sum(c.num_tokens for c in out.outputs)
     return UsageInfo(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens),
         shape_tokens=dict(out.shape_tokens),
     )
 
@@ -45,14 +49,18 @@ def sse(chunk: Any) -> str:
 
 
 class Format:
-    """Turns one request's cumulative outputs into OpenAI chunks (deltas) or a whole response."""
+    """Turns one request's cumulative outputs into OpenAI chunks (deltas) or a whole response.
+
+    A request with n > 1 has a choice per index; a stream sends each choice's chunks apart.
+    """
 
     chunk_type: type[CompletionChunk] | type[ChatCompletionChunk]
 
     def __init__(self, server: ServerState, request_id: str, body: Any):
         self.server, self.request_id, self.body = server, request_id, body
         self.created = int(time.time())
-        self.sent_tokens = 0  # tokens whose log-probs were already reported
+        self.sent_tokens: dict[int, int] = {}  # per choice: tokens whose log-probs went out
+        self.sent_finish: set[int] = set()  # choices whose finish_reason went out
 
     def model(self, shape: str) -> str:
         return f"{self.server.name}@{shape}"
@@ -60,16 +68,16 @@ class Format:
     def _token(self, token_id: int) -> str:
         return str(self.server.tokenizer.decode([token_id]))
 
-    def _new_logprobs(self, out: RequestOutput) -> list[tuple[int, dict[int, float]]]:
+    def _new_logprobs(self, completion: CompletionOutput) -> list[tuple[int, dict[int, float]]]:
         """(token id, {token: logprob} of it and the top-n) for the tokens not yet reported."""
-        completion = out.outputs[0]
         if completion.logprobs is None:
             return []
         # token_ids and logprobs are the engine's own lists, which its thread may have grown
         # since: this output's token count decides how far to read.
-        start, self.sent_tokens = self.sent_tokens, completion.num_tokens
-        ids = completion.token_ids[start : self.sent_tokens]
-        return list(zip(ids, completion.logprobs[start : self.sent_tokens], strict=True))
+        start = self.sent_tokens.get(completion.index, 0)
+        stop = self.sent_tokens[completion.index] = completion.num_tokens
+        ids = completion.token_ids[start:stop]
+        return list(zip(ids, completion.logprobs[start:stop], strict=True))
 
     def _chunk(self, shape: str, choices: list[Any]) -> Any:
         return self.chunk_type(
@@ -80,28 +88,31 @@ class Format:
         return []
 
     def chunks(self, out: RequestOutput) -> list[Any]:
-        """The chunk for `out`'s new text (or log-probs, or finish); none if it brings nothing."""
-        completion = out.outputs[0]
-        text = completion.text_delta
-        has_logprobs = completion.logprobs is not None
-        if not text and not out.finished and not (has_logprobs and self._has_new_tokens(out)):
-            return []
-        chunk = self._chunk(out.shape, [self.stream_choice(out, text)])
-        if self.body.continuous_usage:
-            chunk.usage = usage_info(out)
-        elif self.body.include_usage:
-            chunk.usage = None  # OpenAI sends an explicit null until the final usage chunk
-        return [chunk]
-
-    def _has_new_tokens(self, out: RequestOutput) -> bool:
-        return out.outputs[0].num_tokens > self.sent_tokens
+        """A chunk per choice with new text (or log-probs, or its finish); none if none has."""
+        chunks = []
+        for completion in out.outputs:
+            text, index = completion.text_delta, completion.index
+            finishing = completion.finish_reason is not None and index not in self.sent_finish
+            has_logprobs = completion.logprobs is not None
+            new_tokens = completion.num_tokens > self.sent_tokens.get(index, 0)
+            if not text and not finishing and not (has_logprobs and new_tokens):
+                continue
+            if finishing:
+                self.sent_finish.add(index)
+            chunk = self._chunk(out.shape, [self.stream_choice(completion, text)])
+            if self.body.continuous_usage:
+                chunk.usage = usage_info(out)
+            elif self.body.include_usage:
+                chunk.usage = None  # OpenAI sends an explicit null until the final usage chunk
+            chunks.append(chunk)
+        return chunks
 
     def usage_chunk(self, out: RequestOutput) -> Any:
         chunk = self._chunk(out.narrowest_shape, [])
         chunk.usage = usage_info(out)
         return chunk
 
-    def stream_choice(self, out: RequestOutput, text: str) -> Any:
+    def stream_choice(self, completion: CompletionOutput, text: str) -> Any:
         raise NotImplementedError
 
     def response(self, out: RequestOutput) -> Any:
@@ -113,29 +124,30 @@ class CompletionFormat(Format):
 
     def __init__(self, server: ServerState, request_id: str, body: CompletionRequest):
         super().__init__(server, request_id, body)
-        self.text_offset = 0  # logprobs.text_offset of the next token
+        self.text_offset: dict[int, int] = {}  # per choice: logprobs.text_offset of its next token
 
-    def logprobs(self, out: RequestOutput) -> CompletionLogProbs | None:
+    def logprobs(self, completion: CompletionOutput) -> CompletionLogProbs | None:
         if self.body.logprobs is None:
             return None
         # explicit lists: chunks are serialised with exclude_unset, and [] must not vanish
         result = CompletionLogProbs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
-        for token_id, entry in self._new_logprobs(out):
+        offset = self.text_offset.get(completion.index, 0)
+        for token_id, entry in self._new_logprobs(completion):
             text = self._token(token_id)
             result.tokens.append(text)
             result.token_logprobs.append(max(entry[token_id], _MIN_LOGPROB))
             top = sorted(entry.items(), key=lambda kv: -kv[1])
             result.top_logprobs.append({self._token(t): max(lp, _MIN_LOGPROB) for t, lp in top})
-            result.text_offset.append(self.text_offset)
-            self.text_offset += len(text)
+            result.text_offset.append(offset)
+            offset += len(text)
+        self.text_offset[completion.index] = offset
         return result
 
-    def stream_choice(self, out: RequestOutput, text: str) -> CompletionChoice:
-        completion = out.outputs[0]
+    def stream_choice(self, completion: CompletionOutput, text: str) -> CompletionChoice:
         return CompletionChoice(
-            index=0,
+            index=completion.index,
             text=text,
-            logprobs=self.logprobs(out),
+            logprobs=self.logprobs(completion),
             finish_reason=completion.finish_reason,
             stop_reason=completion.stop_reason,
         )
@@ -145,7 +157,7 @@ class CompletionFormat(Format):
             id=self.request_id,
             created=self.created,
             model=self.model(out.narrowest_shape),
-            choices=[self.stream_choice(out, out.outputs[0].text)],
+            choices=[self.stream_choice(c, c.text) for c in out.outputs],
             usage=usage_info(out),
         )
 
@@ -153,12 +165,12 @@ class CompletionFormat(Format):
 class ChatFormat(Format):
     chunk_type = ChatCompletionChunk
 
-    def logprobs(self, out: RequestOutput) -> ChatLogProbs | None:
+    def logprobs(self, completion: CompletionOutput) -> ChatLogProbs | None:
         if not self.body.logprobs:
             return None
         n_top = self.body.top_logprobs or 0
         content = []
-        for token_id, entry in self._new_logprobs(out):
+        for token_id, entry in self._new_logprobs(completion):
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:n_top]
             chosen = self._logprob(token_id, entry[token_id])
             top_logprobs = [self._logprob(t, lp) for t, lp in top]
@@ -172,21 +184,22 @@ class ChatFormat(Format):
         )
 
     def opening_chunks(self, shape: str) -> list[Any]:
-        """OpenAI opens a chat stream with the assistant's role and empty content."""
-        delta = DeltaMessage(role="assistant", content="")
-        chunk = self._chunk(
-            shape, [ChatStreamChoice(index=0, delta=delta, logprobs=None, finish_reason=None)]
-        )
-        if self.body.include_usage:
-            chunk.usage = None
-        return [chunk]
+        """OpenAI opens a chat stream with the assistant's role and empty content, per choice."""
+        chunks = []
+        for index in range(self.body.n or 1):
+            delta = DeltaMessage(role="assistant", content="")
+            choice = ChatStreamChoice(index=index, delta=delta, logprobs=None, finish_reason=None)
+            chunk = self._chunk(shape, [choice])
+            if self.body.include_usage:
+                chunk.usage = None
+            chunks.append(chunk)
+        return chunks
 
-    def stream_choice(self, out: RequestOutput, text: str) -> ChatStreamChoice:
-        completion = out.outputs[0]
+    def stream_choice(self, completion: CompletionOutput, text: str) -> ChatStreamChoice:
         choice = ChatStreamChoice(
-            index=0,
+            index=completion.index,
             delta=DeltaMessage(content=text) if text else DeltaMessage(),
-            logprobs=self.logprobs(out),
+            logprobs=self.logprobs(completion),
             finish_reason=completion.finish_reason,
         )
         if completion.stop_reason is not None:
@@ -194,17 +207,20 @@ class ChatFormat(Format):
         return choice
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
-        completion = out.outputs[0]
-        choice = ChatChoice(
-            message=ChatResponseMessage(content=completion.text),
-            logprobs=self.logprobs(out),
-            finish_reason=completion.finish_reason,
-            stop_reason=completion.stop_reason,
-        )
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=self.logprobs(c),
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for c in out.outputs
+        ]
         return ChatCompletionResponse(
             id=self.request_id,
             created=self.created,
             model=self.model(out.narrowest_shape),
-            choices=[choice],
+            choices=choices,
             usage=usage_info(out),
         )

@@ -8,6 +8,7 @@ its "off" value (vLLM logs and ignores unknown fields; a silent default is worse
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Annotated, Any, Literal, cast
@@ -219,8 +220,6 @@ class _SamplingRequest(_Request):
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         self._refuse_unsupported()
-        if self.n not in (None, 1):  # the engine samples n; the responses carry one choice yet
-            raise RequestError(f"n must be 1, got {self.n}; send n separate requests", "n")
         if self.logit_bias:
             raise RequestError("logit_bias is not supported", "logit_bias")
         guided = self.guided_decoding()
@@ -291,11 +290,16 @@ class CompletionRequest(_SamplingRequest):
         """Engine sampling parameters; RequestError for what the server does not support."""
         if self.echo:
             raise RequestError("echo is not supported; omit it or set it to false", "echo")
-        if self.best_of not in (None, 1):
-            raise RequestError(f"best_of must be 1, got {self.best_of}", "best_of")
         if self.suffix:
             raise RequestError("suffix is not supported", "suffix")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        params = self._sampling_params(self.max_tokens, self.logprobs)
+        if self.best_of is None:
+            return params
+        if self.best_of < params.n:
+            raise RequestError(f"best_of must be >= n ({params.n}), got {self.best_of}", "best_of")
+        if self.stream and self.best_of != params.n:
+            raise RequestError("best_of must equal n when streaming", "best_of")
+        return dataclasses.replace(params, best_of=self.best_of)
 
 
 def _short(value: object) -> str:
@@ -389,10 +393,15 @@ class ErrorResponse(_Response):
     error: ErrorInfo
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
 class UsageInfo(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
     shape_tokens: dict[str, int] = Field(default_factory=dict)  # generated tokens per shape
 
 

@@ -77,6 +77,7 @@ def _load_engine(
         kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
     engine = AsyncLLMEngine(LLMEngine(bundle, config, policy=policy), args.max_waiting)
     return bundle, engine, profile
