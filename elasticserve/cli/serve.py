@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..server.args import add_serve_arguments
 from ..server.ray.args import add_ray_arguments
@@ -20,6 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     from ..server.ray.args import use_ray
+
+    # vLLM's line format; the start-up and periodic stats lines are INFO
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    logging.basicConfig(
+        level=level,
+        format="%(levelname)s %(asctime)s [%(name)s] %(message)s",
+        datefmt="%m-%d %H:%M:%S",
+    )
 
     if use_ray(args):
         from ..server.ray.serve import run_ray_serve

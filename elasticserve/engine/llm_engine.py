@@ -63,6 +63,7 @@ class LLMEngine:
         self.clock = clock  # arrival times and the policy's "now"
         self.load = LoadTracker()
         self.shape_switches: Counter[str] = Counter()  # "in_flight", "queued" (by the policy)
+        self.num_preemptions = 0  # requests preempted since start (their KV recomputed later)
         self.last_step: tuple[StepLoad, float] | None = None  # load and seconds of the last step
         # end of the last step if work remained: the next step's time counts from there, so the
         # policy sees a token's whole cycle (a server's dispatch between steps included)
@@ -302,6 +303,7 @@ class LLMEngine:
         if out.is_empty:
             self._busy_since = None
             return []
+        self.num_preemptions += len(out.preempted)
         for seq in out.preempted:  # recomputed from scratch, at its current shape: exact again
             seq.cache_key = self.requests[seq.seq_id].spec.id
         self._fork(out)

@@ -1,8 +1,10 @@
-"""Prometheus metrics: vLLM's names under an `elasticserve:` prefix, labelled by shape.
+"""Prometheus metrics: vLLM's names and set under an `elasticserve:` prefix, labelled by shape.
 
 Each `EngineMetrics` (one per app) has its own CollectorRegistry, never the global one, so several
-servers can live in one process. The engine thread times each request (`RequestTimes`) as its
-outputs appear and reports to every attached `EngineMetrics`; the load gauges follow every step.
+servers can live in one process; the process collector (CPU, memory, fds) is in it, as in vLLM's.
+The engine thread times each request (`RequestTimes`) as its outputs appear and reports to every
+attached `EngineMetrics`; the load gauges follow every step. With the prefix `vllm:` a vLLM
+dashboard reads these as they are (the `shape` label is one more it can ignore).
 """
 
 from __future__ import annotations
@@ -11,7 +13,17 @@ from collections import Counter as Tally
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from .outputs import RequestOutput
 
@@ -25,6 +37,22 @@ ITL_BUCKETS = (
     *(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4),
     *(0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0),
 )
+# vLLM's 1-2-5 series for token counts, and its iteration_tokens_total buckets
+TOKEN_BUCKETS = tuple(float(m * 10**e) for e in range(6) for m in (1, 2, 5))
+ITERATION_BUCKETS = (
+    1.0,
+    8.0,
+    16.0,
+    32.0,
+    64.0,
+    128.0,
+    256.0,
+    512.0,
+    1024.0,
+    2048.0,
+    4096.0,
+    8192.0,
+)
 REQUEST_BUCKETS = (
     *(0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0),
     *(40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0),
@@ -37,9 +65,34 @@ class RequestTimes:
 
     arrival: float  # time.monotonic() when the server received it
     scheduled: bool = False
+    scheduled_at: float | None = None  # when it first ran
+    first_token: float | None = None
     last_shape: str | None = None
     last_token: float | None = None
     num_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class RequestDone:
+    """What a finished request adds to the per-request histograms."""
+
+    prompt_tokens: int
+    generation_tokens: int
+    inference_s: float | None  # first scheduled -> finished (None if it never ran)
+    prefill_s: float | None  # first scheduled -> first token
+    decode_s: float | None  # first token -> last token
+
+
+def request_done(times: RequestTimes, out: RequestOutput, now: float) -> RequestDone:
+    """The histograms' view of a request that finished at `now`."""
+    started, first = times.scheduled_at, times.first_token
+    return RequestDone(
+        prompt_tokens=len(out.prompt_token_ids),
+        generation_tokens=sum(c.num_tokens for c in out.outputs),
+        inference_s=None if started is None else now - started,
+        prefill_s=None if started is None or first is None else max(0.0, first - started),
+        decode_s=None if first is None or times.last_token is None else times.last_token - first,
+    )
 
 
 @dataclass(frozen=True)
@@ -70,6 +123,8 @@ def token_event(times: RequestTimes, out: RequestOutput, now: float) -> TokenEve
         switched_from=switched,
     )
     times.num_tokens += new
+    if first:
+        times.first_token = now
     times.last_token, times.last_shape = now, out.shape
     return event
 
@@ -77,8 +132,13 @@ def token_event(times: RequestTimes, out: RequestOutput, now: float) -> TokenEve
 class EngineMetrics:
     """The server's metrics, in a registry of their own; every method is thread-safe."""
 
-    def __init__(self, model_name: str, shapes: Iterable[str]):
+    def __init__(self, model_name: str, shapes: Iterable[str], prefix: str = PREFIX):
+        disable_created_metrics()  # vLLM's exposition has no `*_created` series
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        for collector in (PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        self.prefix = prefix
         self.model_name = model_name
         self.shapes = list(shapes)
         shape = ["model_name", "shape"]
@@ -98,11 +158,61 @@ class EngineMetrics:
             shape,
             ITL_BUCKETS,
         )
+        self.tpot = self._histogram(
+            "time_per_output_token_seconds",
+            "Time per output token (each gap between two tokens, as vLLM observes it).",
+            shape,
+            ITL_BUCKETS,
+        )
         self.e2e = self._histogram(
             "e2e_request_latency_seconds", "Arrival to last token.", shape, REQUEST_BUCKETS
         )
         self.queue_time = self._histogram(
             "request_queue_time_seconds", "Arrival to first scheduled.", shape, REQUEST_BUCKETS
+        )
+        self.inference_time = self._histogram(
+            "request_inference_time_seconds", "First scheduled to finished.", shape, REQUEST_BUCKETS
+        )
+        self.prefill_time = self._histogram(
+            "request_prefill_time_seconds",
+            "First scheduled to first token.",
+            shape,
+            REQUEST_BUCKETS,
+        )
+        self.decode_time = self._histogram(
+            "request_decode_time_seconds", "First token to last token.", shape, REQUEST_BUCKETS
+        )
+        self.request_prompt_tokens = self._histogram(
+            "request_prompt_tokens", "Prompt tokens of finished requests.", shape, TOKEN_BUCKETS
+        )
+        self.request_generation_tokens = self._histogram(
+            "request_generation_tokens",
+            "Generated tokens of finished requests.",
+            shape,
+            TOKEN_BUCKETS,
+        )
+        self.iteration_tokens = self._histogram(
+            "iteration_tokens_total",
+            "Tokens run in one engine step.",
+            ["model_name"],
+            ITERATION_BUCKETS,
+        )
+        self.preemptions = self._counter(
+            "num_preemptions",
+            "Requests preempted (their KV freed, recomputed later).",
+            ["model_name"],
+        )
+        self.cache_config = Gauge(
+            prefix + "cache_config_info",
+            "Information of the KV cache config (the value is 1).",
+            [
+                "block_size",
+                "cache_dtype",
+                "num_gpu_blocks",
+                "num_cpu_blocks",
+                "enable_prefix_caching",
+            ],
+            registry=self.registry,
         )
         self.prompt_tokens = self._counter("prompt_tokens", "Prefilled prompt tokens.", shape)
         self.generation_tokens = self._counter("generation_tokens", "Generated tokens.", shape)
@@ -128,15 +238,15 @@ class EngineMetrics:
             self.waiting.labels(model_name, name).set(0)
 
     def _gauge(self, name: str, doc: str, labels: list[str]) -> Gauge:
-        return Gauge(PREFIX + name, doc, labels, registry=self.registry)
+        return Gauge(self.prefix + name, doc, labels, registry=self.registry)
 
     def _counter(self, name: str, doc: str, labels: list[str]) -> Counter:
-        return Counter(PREFIX + name, doc, labels, registry=self.registry)
+        return Counter(self.prefix + name, doc, labels, registry=self.registry)
 
     def _histogram(
         self, name: str, doc: str, labels: list[str], buckets: tuple[float, ...]
     ) -> Histogram:
-        return Histogram(PREFIX + name, doc, labels, registry=self.registry, buckets=buckets)
+        return Histogram(self.prefix + name, doc, labels, registry=self.registry, buckets=buckets)
 
     def set_load(self, running: Tally[str], waiting: Tally[str], kv_usage: float) -> None:
         """Requests running and waiting per shape, and KV use, after a step."""
@@ -164,6 +274,7 @@ class EngineMetrics:
             self.prompt_tokens.labels(name, shape).inc(event.prompt_tokens)
         if event.itl is not None:
             self.itl.labels(name, shape).observe(event.itl)
+            self.tpot.labels(name, shape).observe(event.itl)
         if event.switched_from is not None:
             self.switches.labels(name, event.switched_from, shape).inc()
         self.generation_tokens.labels(name, shape).inc(event.new_tokens)
@@ -172,6 +283,31 @@ class EngineMetrics:
         """A request ended (stop, length, abort, error) at `shape`, its narrowest."""
         self.e2e.labels(self.model_name, shape).observe(e2e)
         self.success.labels(self.model_name, shape, reason).inc()
+
+    def on_step(self, tokens: int, preempted: int) -> None:
+        """An engine step ran `tokens` tokens and preempted `preempted` requests."""
+        self.iteration_tokens.labels(self.model_name).observe(tokens)
+        if preempted:
+            self.preemptions.labels(self.model_name).inc(preempted)
+
+    def on_request_done(self, shape: str, done: RequestDone) -> None:
+        """A finished request's token counts and phase times (at its narrowest shape)."""
+        name = self.model_name
+        self.request_prompt_tokens.labels(name, shape).observe(done.prompt_tokens)
+        self.request_generation_tokens.labels(name, shape).observe(done.generation_tokens)
+        if done.inference_s is not None:
+            self.inference_time.labels(name, shape).observe(done.inference_s)
+        if done.prefill_s is not None:
+            self.prefill_time.labels(name, shape).observe(done.prefill_s)
+        if done.decode_s is not None:
+            self.decode_time.labels(name, shape).observe(done.decode_s)
+
+    def set_cache_config(
+        self, block_size: int, cache_dtype: str, num_blocks: int, prefix_caching: bool
+    ) -> None:
+        """vLLM's cache_config_info: the KV cache's configuration as labels of a constant 1."""
+        labels = (str(block_size), cache_dtype, str(num_blocks), "0", str(prefix_caching))
+        self.cache_config.labels(*labels).set(1)
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format."""

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 from fastapi import FastAPI
 
+from elasticserve.engine.metrics import PREFIX as METRICS_PREFIX
+
 from . import completions, health, models, tokens
 from .async_engine import AsyncLLMEngine
 from .errors import ApiKeyMiddleware, install_error_handlers
@@ -24,13 +26,14 @@ def build_app(
     served_model_name: str | None = None,
     api_key: str | None = None,
     shape_latency: Mapping[str, Mapping[str, float]] | None = None,
+    metrics_prefix: str = METRICS_PREFIX,
 ) -> FastAPI:
     """The FastAPI app serving `engine` as `served_model_name` (default: the bundle's name).
 
     `shape_latency` (shape name -> predicted {"ttft_ms", "tpot_ms"}) fills /v1/shapes' latency.
     """
     name = served_model_name or engine.bundle.name
-    server = ServerState(engine, name, shape_latency or {})
+    server = ServerState(engine, name, shape_latency or {}, metrics_prefix)
     app = FastAPI(title="elasticserve", summary="OpenAI-compatible elastic LLM server")
     app.state.server = server
     for endpoints in (models, completions, tokens, health):  # one module per endpoint family

@@ -67,3 +67,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-waiting", type=int, default=256, help="queue length beyond which requests get 429"
     )
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
+    parser.add_argument(
+        "--metrics-prefix",
+        default="elasticserve:",
+        help="prefix of the /metrics names (vllm: serves vLLM's Grafana dashboards as they are)",
+    )

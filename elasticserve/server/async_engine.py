@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from elasticserve.engine.llm_engine import LLMEngine
-from elasticserve.engine.metrics import EngineMetrics, RequestTimes, token_event
+from elasticserve.engine.metrics import EngineMetrics, RequestTimes, request_done, token_event
 from elasticserve.engine.outputs import (
     CompletionOutput,
     EngineStats,
@@ -26,6 +26,7 @@ from elasticserve.engine.outputs import (
     RequestSnapshot,
 )
 from elasticserve.engine.sampling import SamplingParams
+from elasticserve.engine.stat_logger import ThroughputLog
 from elasticserve.model.bundle import ModelBundle
 from elasticserve.model.shapes import Shape, ShapeSpec
 
@@ -130,6 +131,9 @@ class AsyncLLMEngine:
         self._ids = itertools.count()
         self._stats = engine.stats()
         self._stopped = False
+        self._preemptions = 0  # the engine's count at the last step
+        self._last_step: object = None  # the engine's last_step already reported
+        self.throughput_log = ThroughputLog()  # vLLM's periodic stats line while busy
         self._thread = threading.Thread(target=self._run, name="elasticserve-engine", daemon=True)
         self._thread.start()
 
@@ -173,6 +177,13 @@ class AsyncLLMEngine:
 
     def attach_metrics(self, metrics: EngineMetrics) -> None:
         """Report every request and step to `metrics` too (an app's registry)."""
+        engine = self.engine
+        metrics.set_cache_config(
+            engine.config.block_size,
+            str(engine.bundle.model.cache_dtype).removeprefix("torch."),
+            engine.block_manager.num_blocks,
+            engine.config.enable_prefix_caching,
+        )
         self._metrics = (*self._metrics, metrics)  # one atomic swap: the engine thread iterates it
 
     def stats(self) -> EngineStats:
@@ -266,6 +277,7 @@ class AsyncLLMEngine:
         self.engine.abort(request_id)
         if live is None:
             return
+        log.info("Aborted request %s.", request_id)
         out = _final_output(request_id, live.last, req, "abort")
         self._finished(live, out, time.monotonic())
         self._call(live.loop, live.outputs.put_nowait, out)  # ends an iterator still reading
@@ -283,12 +295,21 @@ class AsyncLLMEngine:
             return
         now = time.monotonic()
         self._note_scheduled(start)
+        preempted = self.engine.num_preemptions - self._preemptions
+        self._preemptions = self.engine.num_preemptions
+        last = self.engine.last_step
+        if last is not None and last is not self._last_step:  # an empty schedule sets none
+            self._last_step = last
+            for metrics in self._metrics:
+                metrics.on_step(last[0].tokens, preempted)
         for out in outputs:
             live = self._live.get(out.request_id)
             if live is None:
                 continue
             live.last = out
             event = token_event(live.times, out, now)
+            if event is not None:
+                self.throughput_log.on_tokens(event)
             for metrics in self._metrics:
                 if event is not None:
                     metrics.on_tokens(event)
@@ -306,6 +327,7 @@ class AsyncLLMEngine:
             req = self.engine.request(request_id)
             if req is not None and req.running:
                 live.times.scheduled = True
+                live.times.scheduled_at = step_start
                 for metrics in self._metrics:
                     metrics.on_scheduled(req.spec.name, step_start - live.times.arrival)
 
@@ -313,6 +335,7 @@ class AsyncLLMEngine:
         reason = out.outputs[0].finish_reason or "abort"
         for metrics in self._metrics:
             metrics.on_finished(out.narrowest_shape, reason, now - live.times.arrival)
+            metrics.on_request_done(out.narrowest_shape, request_done(live.times, out, now))
 
     def _fail_all(self, message: str) -> None:
         """End every request in flight with an error output and free its blocks."""
@@ -330,6 +353,7 @@ class AsyncLLMEngine:
 
     def _publish(self) -> None:
         self._stats = self.engine.stats()
+        self.throughput_log.maybe_log(time.monotonic(), self._stats)
         running, waiting = self.engine.requests_by_shape()
         for metrics in self._metrics:
             metrics.set_load(running, waiting, self._stats.kv_usage)

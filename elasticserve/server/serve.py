@@ -12,6 +12,7 @@ from typing import TypeVar
 from fastapi import FastAPI
 
 from elasticserve.engine.llm_engine import EngineConfig, LLMEngine
+from elasticserve.engine.stat_logger import startup_lines
 from elasticserve.model.bundle import ModelBundle, load_bundle
 from elasticserve.policy.factory import policy_for
 from elasticserve.policy.latency_profile import LatencyProfile
@@ -44,8 +45,17 @@ def build_server(args: argparse.Namespace) -> tuple[AsyncLLMEngine, FastAPI]:
     """The engine (running) and app that `elasticserve serve` serves for `args`."""
     bundle, engine, profile = off_main_thread(partial(_load_engine, args))
     latency = profile.shape_latency(bundle.specs) if profile else None
-    log.info("serving %s (%d shapes, policy %s)", bundle.name, len(bundle.specs), args.policy)
-    return engine, build_app(engine, bundle.name, api_key=args.api_key, shape_latency=latency)
+    for line in startup_lines(engine.engine):
+        log.info(line)
+    where = "its pack's latency profile" if profile else "no latency profile"
+    log.info("policy %s, with %s", args.policy, where)
+    return engine, build_app(
+        engine,
+        bundle.name,
+        api_key=args.api_key,
+        shape_latency=latency,
+        metrics_prefix=args.metrics_prefix,
+    )
 
 
 def _load_engine(
@@ -88,6 +98,11 @@ def run_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     engine, app = build_server(args)
+    log.info(
+        "serving the OpenAI API at http://%s:%d/v1 (also /tokenize, /health, /metrics)",
+        args.host,
+        args.port,
+    )
     try:
         uvicorn.run(
             app,

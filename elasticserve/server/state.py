@@ -6,6 +6,7 @@ import copy
 import dataclasses
 from collections.abc import Mapping
 
+from elasticserve.engine.metrics import PREFIX as METRICS_PREFIX
 from elasticserve.engine.metrics import EngineMetrics
 from elasticserve.model.shapes import ShapeSpec
 
@@ -20,10 +21,12 @@ class ServerState:
     engine: AsyncLLMEngine
     name: str
     shape_latency: Mapping[str, Mapping[str, float]]  # shape -> predicted {"ttft_ms", "tpot_ms"}
+    metrics_prefix: str = METRICS_PREFIX  # "vllm:" serves vLLM's dashboards as they are
 
     def __post_init__(self) -> None:
         self.bundle = self.engine.bundle
-        self.metrics = EngineMetrics(self.name, [spec.name for spec in self.bundle.specs])
+        specs = [spec.name for spec in self.bundle.specs]
+        self.metrics = EngineMetrics(self.name, specs, self.metrics_prefix)
         self.engine.attach_metrics(self.metrics)
         # The engine thread uses the bundle's tokenizer; a HF fast tokenizer is not safe to share.
         self.tokenizer = copy.deepcopy(self.bundle.tokenizer)
