@@ -18,6 +18,7 @@ from elasticserve.engine.metrics import PREFIX as METRICS_PREFIX
 from . import completions, health, models, tokens
 from .async_engine import AsyncLLMEngine
 from .errors import ApiKeyMiddleware, install_error_handlers
+from .limits import BodyLimitMiddleware, ServerLimits
 from .state import ServerState
 
 
@@ -26,6 +27,7 @@ def build_app(
     served_model_name: str | None = None,
     api_key: str | None = None,
     shape_latency: Mapping[str, Mapping[str, float]] | None = None,
+    limits: ServerLimits | None = None,
     metrics_prefix: str = METRICS_PREFIX,
 ) -> FastAPI:
     """The FastAPI app serving `engine` as `served_model_name` (default: the bundle's name).
@@ -33,12 +35,14 @@ def build_app(
     `shape_latency` (shape name -> predicted {"ttft_ms", "tpot_ms"}) fills /v1/shapes' latency.
     """
     name = served_model_name or engine.bundle.name
-    server = ServerState(engine, name, shape_latency or {}, metrics_prefix)
+    limits = limits or ServerLimits()
+    server = ServerState(engine, name, shape_latency or {}, limits, metrics_prefix)
     app = FastAPI(title="elasticserve", summary="OpenAI-compatible elastic LLM server")
     app.state.server = server
     for endpoints in (models, completions, tokens, health):  # one module per endpoint family
         app.include_router(endpoints.router(server))
     install_error_handlers(app)
-    if api_key:
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes)
+    if api_key:  # outermost: a request without the key is refused before its body is read
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     return app

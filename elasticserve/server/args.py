@@ -72,3 +72,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default="elasticserve:",
         help="prefix of the /metrics names (vllm: serves vLLM's Grafana dashboards as they are)",
     )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=parse_bytes,
+        default="4MiB",
+        help="request bodies larger than this get 413 before they are parsed",
+    )
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=1024,
+        help="max_tokens of a request that sets none (capped by the context)",
+    )
+    parser.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        help="parse special tokens typed into chat messages (default: they are plain text)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a SIGTERM leaves in-flight requests to finish before they get an error",
+    )

@@ -78,6 +78,7 @@ class _Live:
     outputs: asyncio.Queue[RequestOutput]
     times: RequestTimes
     last: RequestOutput | None = None
+    started: float | None = None  # when it first ran in a step
 
 
 class RequestStream:
@@ -134,6 +135,9 @@ class AsyncLLMEngine:
         self._preemptions = 0  # the engine's count at the last step
         self._last_step: object = None  # the engine's last_step already reported
         self.throughput_log = ThroughputLog()  # vLLM's periodic stats line while busy
+        self._accepting = True
+        # Seconds from a request's first step to its end (a moving average): the drain estimate.
+        self._service_s = 1.0
         self._thread = threading.Thread(target=self._run, name="elasticserve-engine", daemon=True)
         self._thread.start()
 
@@ -153,6 +157,8 @@ class AsyncLLMEngine:
         shape None (or "auto"): the engine's policy picks it; `slo` ({"ttft_ms", "tpot_ms"}) is
         what the policy aims for. The policy's refusal (`Overloaded`) is raised here too.
         """
+        if not self._accepting:
+            raise EngineDeadError("the server is shutting down")
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
@@ -199,10 +205,19 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopped
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Fail what is in flight, stop the engine thread and wait for it."""
+    def drain(self) -> None:
+        """Refuse new requests (EngineDeadError) and go on serving those in flight."""
+        self._accepting = False
+
+    def stop(self) -> None:
+        """Fail what is in flight and stop the engine thread, without waiting for it."""
+        self._accepting = False
         self._stopped = True
         self._commands.put(_STOP)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Fail what is in flight, stop the engine thread and wait for it."""
+        self.stop()
         self._thread.join(timeout)
         while True:  # a request sent while it stopped must not wait forever for its admission
             try:
@@ -247,9 +262,14 @@ class AsyncLLMEngine:
 
     def _add(self, cmd: _Add) -> None:
         try:
-            waiting = self.engine.stats().num_waiting
-            if waiting >= self.max_waiting:
-                raise QueueFullError(waiting)
+            stats = self.engine.stats()
+            slots = self.engine.config.max_num_seqs
+            # Refused only when the queue is full beyond what the batch's free slots will take.
+            queued = stats.num_waiting - max(0, slots - stats.num_running)
+            if queued >= self.max_waiting:
+                # Running requests end at about slots / service_s a second; this many must.
+                ahead = queued - self.max_waiting + 1
+                raise QueueFullError(stats.num_waiting, ahead * self._service_s / slots)
             self.engine.add_request(
                 cmd.prompt,
                 cmd.params,
@@ -316,6 +336,8 @@ class AsyncLLMEngine:
             if out.finished:
                 del self._live[out.request_id]
                 self._finished(live, out, now)
+                if live.started is not None:
+                    self._service_s = 0.8 * self._service_s + 0.2 * (now - live.started)
             if not self._call(live.loop, live.outputs.put_nowait, out) and not out.finished:
                 self._abort(out.request_id)
 
@@ -328,6 +350,7 @@ class AsyncLLMEngine:
             if req is not None and req.running:
                 live.times.scheduled = True
                 live.times.scheduled_at = step_start
+                live.started = step_start
                 for metrics in self._metrics:
                     metrics.on_scheduled(req.spec.name, step_start - live.times.arrival)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -29,10 +31,23 @@ from .protocol import (
     CompletionResponse,
     ErrorInfo,
     ErrorResponse,
+    RequestError,
 )
 from .state import ServerState
 
 SHAPE_HEADER = "x-elasticserve-shape"
+# What the OpenAPI schema lists besides the 200 (every error in OpenAI's format).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": what}
+    for status, what in [
+        (400, "an invalid request; `param` names the field"),
+        (401, "a missing or wrong API key"),
+        (404, "an unknown model"),
+        (413, "a request body over the server's limit"),
+        (429, "overloaded: retry after the Retry-After header's seconds"),
+        (503, "the engine is not running or the server is shutting down"),
+    ]
+}
 
 
 def _engine_error_param(message: str, prompt_param: str) -> str | None:
@@ -52,12 +67,36 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+def _with_length(server: ServerState, params: Any, prompt_tokens: int) -> Any:
+    """`params` with the server's default max_tokens where the request set none."""
+    if params.max_tokens is not None:
+        return params
+    room = max(1, server.bundle.max_model_len - prompt_tokens)
+    try:  # re-validated: min_tokens must not exceed the max_tokens it now has
+        return dataclasses.replace(params, max_tokens=min(server.limits.default_max_tokens, room))
+    except ValueError as exc:
+        raise RequestError(f"{exc} (the default max_tokens)", "min_tokens") from exc
+
+
+async def _prompt_ids(server: ServerState, body: Any) -> list[int]:
+    """The request's prompt as token ids, tokenized off the event loop."""
+    if isinstance(body, ChatCompletionRequest):
+        generation = body.add_generation_prompt is not False
+        return await server.prompts.chat(body.chat_messages(), generation)
+    prompt = body.single_prompt()
+    if isinstance(prompt, str):
+        return await server.prompts.text(prompt)
+    return server.prompts.token_ids(prompt)
+
+
 async def submit(
-    server: ServerState, prompt: str | list[int], body: Any, request_id: str, prompt_param: str
+    server: ServerState, body: Any, request_id: str, prompt_param: str
 ) -> RequestStream:
-    """Admit a request to the engine, mapping its refusals to HTTP errors."""
+    """Tokenize and admit a request to the engine, mapping its refusals to HTTP errors."""
     shape = server.resolve_shape(body.model)
     params = body.to_sampling_params()
+    prompt = await _prompt_ids(server, body)
+    params = _with_length(server, params, len(prompt))
     slo = body.slo.model_dump(exclude_none=True) if body.slo is not None else None
     try:
         return await server.engine.generate(
@@ -83,7 +122,8 @@ async def respond(stream: RequestStream, fmt: Format, request: Request) -> Respo
     if out is None:  # the client hung up; nobody reads this
         return Response(status_code=499)
     if out.error is not None:
-        raise APIError(500, out.error, "server_error")
+        engine = request.app.state.server.engine
+        raise APIError(503 if not engine.is_running else 500, out.error, "server_error")
     body = fmt.response(out).model_dump(mode="json")
     return JSONResponse(body, headers={SHAPE_HEADER: fmt.model(out.narrowest_shape)})
 
@@ -98,6 +138,8 @@ async def _final(stream: RequestStream, request: Request) -> RequestOutput | Non
         disconnect.cancel()
         if not collect.done():
             collect.cancel()  # cancelling the read aborts the request in the engine
+            with contextlib.suppress(asyncio.CancelledError):
+                await collect  # a cancelled task has no result until it has run its cancel
     return None if collect.cancelled() else collect.result()
 
 
@@ -122,36 +164,22 @@ async def _events(stream: RequestStream, fmt: Format) -> AsyncIterator[str]:
         stream.abort()  # a no-op once finished; frees the KV blocks of a client gone early
 
 
-def _chat_prompt(server: ServerState, body: ChatCompletionRequest) -> list[int]:
-    """The conversation rendered by the model's chat template, as token ids."""
-    messages = body.chat_messages()
-    try:
-        text = server.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=body.add_generation_prompt is not False
-        )
-    except Exception as exc:  # jinja2 errors: the template refused this conversation
-        raise APIError(
-            400, f"the chat template rejected the messages: {exc}", param="messages"
-        ) from exc
-    # The template writes the special tokens itself (a BOS added again would double it).
-    return list(server.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def router(server: ServerState) -> APIRouter:
     """The completion endpoints of `server`."""
     routes = APIRouter()
 
-    @routes.post("/v1/completions", response_model=CompletionResponse)
+    @routes.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
     async def create_completion(body: CompletionRequest, request: Request):
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = await submit(server, body.single_prompt(), body, request_id, "prompt")
+        stream = await submit(server, body, request_id, "prompt")
         return await respond(stream, CompletionFormat(server, request_id, body), request)
 
-    @routes.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    @routes.post(
+        "/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES
+    )
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        prompt = _chat_prompt(server, body)
-        stream = await submit(server, prompt, body, request_id, "messages")
+        stream = await submit(server, body, request_id, "messages")
         return await respond(stream, ChatFormat(server, request_id, body), request)
 
     return routes

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,10 +40,17 @@ class APIError(Exception):
         self.param, self.code, self.headers = param, code, headers
 
 
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a message may quote a lone surrogate, which UTF-8 cannot."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(exc: APIError) -> JSONResponse:
     """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
     info = ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
-    return JSONResponse(
+    return _AsciiJSONResponse(
         ErrorResponse(error=info).model_dump(), status_code=exc.status, headers=exc.headers
     )
 
@@ -102,17 +111,20 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            # The scheme is case-insensitive (RFC 9110); the key is compared in constant time.
+            valid = scheme.lower() == b"bearer" and secrets.compare_digest(given, self.expected)
+            if not valid:
                 exc = APIError(
                     401,
                     "invalid or missing API key: send 'Authorization: Bearer <key>'",
                     "invalid_request_error",
                     code="invalid_api_key",
+                    headers={"WWW-Authenticate": 'Bearer realm="elasticserve"'},
                 )
                 await error_response(exc)(scope, receive, send)
                 return

@@ -22,6 +22,11 @@ from elasticserve.engine.sampling import SamplingParams
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
 MAX_TOP_LOGPROBS = 20
+# Every stop string is looked for after every token: bound how many and how long (OpenAI takes 4).
+MAX_STOPS = 64
+MAX_STOP_CHARS = 1024
+Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
 
 
 class RequestError(ValueError):
@@ -130,23 +135,23 @@ class _SamplingRequest(_Request):
     # Every field takes an explicit null as "the default": some SDKs send all of them.
     model: str | None = None  # None: the base model, the policy picks the shape
     n: Int64 | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     seed: Int64 | None = None
-    stop: str | list[str] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM extras
-    top_k: Int64 | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: Annotated[int, Field(ge=-1, le=2**63 - 1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     min_tokens: Count | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[Count] | None = None
+    stop_token_ids: Annotated[list[Count], Field(max_length=MAX_STOPS)] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     priority: Int64 | None = None  # lower is served first

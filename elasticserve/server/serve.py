@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TypeVar
 
+import uvicorn
 from fastapi import FastAPI
 
 from elasticserve.engine.llm_engine import EngineConfig, LLMEngine
@@ -22,6 +25,7 @@ from .app import build_app
 from .async_engine import (
     AsyncLLMEngine,
 )
+from .limits import ServerLimits
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +53,20 @@ def build_server(args: argparse.Namespace) -> tuple[AsyncLLMEngine, FastAPI]:
         log.info(line)
     where = "its pack's latency profile" if profile else "no latency profile"
     log.info("policy %s, with %s", args.policy, where)
-    return engine, build_app(
+    limits = ServerLimits(
+        max_request_bytes=args.max_request_bytes,
+        default_max_tokens=args.default_max_tokens,
+        allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+    )
+    app = build_app(
         engine,
         bundle.name,
         api_key=args.api_key,
         shape_latency=latency,
+        limits=limits,
         metrics_prefix=args.metrics_prefix,
     )
+    return engine, app
 
 
 def _load_engine(
@@ -93,23 +104,48 @@ def _load_engine(
     return bundle, engine, profile
 
 
+# After the drain deadline the engine fails what is left; its handlers then need a moment to
+# write the error event or body before uvicorn cancels them.
+_ERROR_GRACE_S = 5.0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn that, on SIGTERM, drains in-flight requests for `drain_s`, then fails the rest.
+
+    uvicorn stops listening and closes idle connections; the engine refuses new requests (503)
+    and, at the deadline, ends the rest with an error (an SSE error event and [DONE], or OpenAI
+    error JSON), so no client sees a cut connection.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, drain_s: float):
+        super().__init__(config)
+        self.engine, self.drain_s = engine, drain_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.engine.drain()
+        deadline = asyncio.get_running_loop().call_later(self.drain_s, self.engine.stop)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
+
 def run_serve(args: argparse.Namespace) -> None:
     """Load the model, start the engine thread and serve HTTP until interrupted."""
-    import uvicorn
-
     engine, app = build_server(args)
     log.info(
         "serving the OpenAI API at http://%s:%d/v1 (also /tokenize, /health, /metrics)",
         args.host,
         args.port,
     )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(args.shutdown_timeout + _ERROR_GRACE_S),
+    )
     try:
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=5,
-        )
+        GracefulServer(config, engine, args.shutdown_timeout).run()
     finally:
         engine.shutdown()

@@ -12,6 +12,8 @@ from elasticserve.model.shapes import ShapeSpec
 
 from .async_engine import AsyncLLMEngine
 from .errors import APIError
+from .limits import ServerLimits
+from .prompts import PromptEncoder
 
 
 @dataclasses.dataclass
@@ -21,6 +23,7 @@ class ServerState:
     engine: AsyncLLMEngine
     name: str
     shape_latency: Mapping[str, Mapping[str, float]]  # shape -> predicted {"ttft_ms", "tpot_ms"}
+    limits: ServerLimits = dataclasses.field(default_factory=ServerLimits)
     metrics_prefix: str = METRICS_PREFIX  # "vllm:" serves vLLM's dashboards as they are
 
     def __post_init__(self) -> None:
@@ -30,6 +33,11 @@ class ServerState:
         self.engine.attach_metrics(self.metrics)
         # The engine thread uses the bundle's tokenizer; a HF fast tokenizer is not safe to share.
         self.tokenizer = copy.deepcopy(self.bundle.tokenizer)
+        self.prompts = PromptEncoder(
+            self.bundle.tokenizer,
+            self.bundle.max_model_len,
+            self.limits.allow_special_tokens_in_content,
+        )
 
     def resolve_shape(self, model: str | None) -> ShapeSpec | None:
         """The shape a request's `model` pins; None (the engine's policy picks) for the base.

@@ -29,7 +29,7 @@ from elasticserve.server.async_engine import AsyncLLMEngine
 from elasticserve.server.completions import SHAPE_HEADER
 from elasticserve.server.formats import CompletionFormat
 from elasticserve.server.protocol import CompletionRequest
-from elasticserve.server.serve import run_serve
+from elasticserve.server.serve import GracefulServer, run_serve
 
 NAME = "tiny"
 PINNED = "d3-w0.5"
@@ -51,9 +51,9 @@ class Live:
 
 
 @contextlib.contextmanager
-def serving(engine: AsyncLLMEngine, api_key: str | None = None) -> Iterator[Live]:
+def serving(engine: AsyncLLMEngine, api_key: str | None = None, **app_options) -> Iterator[Live]:
     """Run a uvicorn server for `engine` on a free port in a thread; stop it afterwards."""
-    app = build_app(engine, NAME, api_key=api_key)
+    app = build_app(engine, NAME, api_key=api_key, **app_options)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before the thread starts: no port race
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -396,7 +396,7 @@ def test_queue_over_its_limit_answers_429_with_retry_after(guarded: Live):
         waiting = client.completions.create(model=NAME, prompt=PROMPT, stream=True, **LONG)
         with pytest.raises(openai.RateLimitError) as info:
             client.completions.create(model=NAME, prompt=PROMPT, max_tokens=1)
-        assert info.value.response.headers["retry-after"] == "1"
+        assert int(info.value.response.headers["retry-after"]) >= 1
         _assert_openai_error(info.value.response, 429, None)
         running.close()
         waiting.close()
@@ -423,16 +423,6 @@ def test_client_disconnect_mid_stream_frees_its_kv_blocks(live: Live):
     total = _metric(metrics, "elasticserve:request_success_total")
     assert total == aborted + 1
     assert _metric(metrics, "elasticserve:request_success_total", finished_reason="abort") >= 1
-
-
-def test_client_timeout_on_a_whole_response_aborts_it(live: Live):
-    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True}
-    before = _metric(live.http.get("/metrics").text, "elasticserve:request_success_total")
-    with pytest.raises(httpx.ReadTimeout):
-        live.http.post("/v1/completions", json=body, timeout=0.05)
-    poll(lambda: all_blocks_free(live), 30, "the KV blocks to be freed")
-    metrics = live.http.get("/metrics").text
-    assert _metric(metrics, "elasticserve:request_success_total") == before + 1
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -496,10 +486,11 @@ def test_serve_command_builds_the_server_its_arguments_describe(tiny_llama_dir: 
     argv = ["--model", str(tiny_llama_dir), "--dtype", "float32", "--served-model-name", "mini"]
     argv += ["--api-key", "k", "--kv-cache-memory", "8MiB", "--port", "1234", "--policy", "load"]
     seen: dict = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
+    monkeypatch.setattr(GracefulServer, "run", lambda server: seen.update(config=server.config))
     run_serve(parser.parse_args(argv))
-    assert (seen["host"], seen["port"]) == ("127.0.0.1", 1234)
-    client = TestClient(seen["app"])
+    config = seen["config"]
+    assert (config.host, config.port) == ("127.0.0.1", 1234)
+    client = TestClient(config.app)
     assert client.get("/v1/models").status_code == 401
     shapes = client.get("/v1/shapes", headers={"Authorization": "Bearer k"}).json()["data"]
     assert shapes[0]["id"] == "mini@d6-w1.0" and shapes[0]["latency"] is None  # no profile
