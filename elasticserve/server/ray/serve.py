@@ -58,6 +58,28 @@ def require_ray() -> Any:
     return serve
 
 
+def init_local_ray(num_cpus: int | None) -> None:
+    """Start a one-machine Ray head for this process, listening on 127.0.0.1 only, no dashboard.
+
+    An exposed Ray head runs any job for whoever reaches it. Ray on Linux resolves even
+    127.0.0.1 to the machine's interface address and binds its servers (GCS, raylet, agents,
+    workers) to every interface; its "no cluster" mode (the default on macOS and Windows) keeps
+    each of them on the loopback address, which is all a local head needs.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # the processes Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this one, whose Ray read it at import
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+    )
+
+
 def _plain(args: argparse.Namespace) -> dict[str, Any]:
     """The serve arguments as plain data (they travel to every replica)."""
     return {
@@ -126,7 +148,10 @@ def start(args: argparse.Namespace) -> str:
     address = args.ray_address or "local"
     local = address == "local"
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=os.cpu_count() if local else None)
+        if local:
+            init_local_ray(os.cpu_count())
+        else:
+            ray.init(address=address)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_application(args, local), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{args.host}:{args.port}"
