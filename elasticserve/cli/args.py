@@ -13,3 +13,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pack", default=None, help="pack directory (default: the model's own)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument(
+        "--cpu-kernels",
+        default="auto",
+        choices=("auto", "native", "torch"),
+        help="on a CPU: native C++ kernels when they build here (auto), required, or torch ops",
+    )

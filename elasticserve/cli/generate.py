@@ -35,7 +35,9 @@ def _generate(args: argparse.Namespace) -> None:
     from ..engine.llm import LLM
     from ..engine.sampling import SamplingParams
 
-    llm = LLM(args.model, args.pack, dtype=args.dtype, device=args.device)
+    llm = LLM(
+        args.model, args.pack, dtype=args.dtype, device=args.device, cpu_kernels=args.cpu_kernels
+    )
     prompt = args.prompt
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
@@ -57,7 +59,9 @@ def _generate(args: argparse.Namespace) -> None:
 def _shapes(args: argparse.Namespace) -> None:
     from ..model.bundle import load_bundle
 
-    bundle = load_bundle(args.model, args.pack, dtype=args.dtype, device=args.device)
+    bundle = load_bundle(
+        args.model, args.pack, dtype=args.dtype, device=args.device, cpu_kernels=args.cpu_kernels
+    )
     rows = [
         {
             "shape": s.name,

@@ -53,7 +53,12 @@ def _profile(args: argparse.Namespace) -> None:
     short, long = (int(x) for x in args.context.split(","))
     # the profile needs only short contexts: a small max_model_len keeps the KV pool small
     bundle = load_bundle(
-        args.model, args.pack, dtype=args.dtype, device=args.device, max_model_len=1024
+        args.model,
+        args.pack,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=1024,
+        cpu_kernels=args.cpu_kernels,
     )
     measured = profile(
         bundle, batch_sizes(args.max_batch), context=(short, long), repeats=args.repeats

@@ -31,6 +31,7 @@ class LLM:
         max_model_len: int | None = None,
         engine_config: EngineConfig | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        cpu_kernels: str = "auto",
     ):
         self.bundle: ModelBundle = load_bundle(
             model,
@@ -39,6 +40,7 @@ class LLM:
             device=device,
             cache_dir=cache_dir,
             max_model_len=max_model_len,
+            cpu_kernels=cpu_kernels,
         )
         self.engine = LLMEngine(self.bundle, engine_config)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from ..model.bundle import ModelBundle
 from ..model.step_plan import SeqChunk, build_step
 from . import kv_cache
@@ -53,6 +55,14 @@ class ModelRunner:
             )
             for item, req in rows
         ]
+        native = self.bundle.native
+        if native is not None and native.supports(chunks):
+            logits, logit_slices = native.forward(chunks, self.cache, self.block_size)
+        else:
+            logits, logit_slices = self._torch_forward(chunks)
+        return self._sample(rows, logits, logit_slices)
+
+    def _torch_forward(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, list[slice]]:
         cfg, model = self.bundle.config, self.bundle.model
         step = build_step(
             chunks,
@@ -64,11 +74,18 @@ class ModelRunner:
             model.device,
             kernels=model.use_kernels,
         )
-        logits = model.forward(step, self.cache)
+        return model.forward(step, self.cache), step.logit_slices
+
+    def _sample(
+        self,
+        rows: Sequence[tuple[ScheduledSeq, Request]],
+        logits: torch.Tensor,
+        logit_slices: list[slice],
+    ) -> SamplerOutput:
         sampled = [(i, req) for i, (item, req) in enumerate(rows) if item.will_sample]
         if not sampled:
             return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=[])
-        picked = logits[[step.logit_slices[i].start for i, _ in sampled]]
+        picked = logits[[logit_slices[i].start for i, _ in sampled]]
         requests = [req for _, req in sampled]
         return self.sampler(
             picked,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -14,6 +15,7 @@ from .config import ModelConfig
 from .decoder import ElasticModel, rope_tables
 from .device import resolve_device, resolve_dtype
 from .loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir, served_name
+from .native import NativeDecoder
 from .pack import Pack, identity_pack, model_fingerprint
 from .shapes import Shape, ShapeSpec
 from .step_plan import BiasTable
@@ -41,6 +43,7 @@ class ModelBundle:
     specs: list[ShapeSpec]  # the grid, widest/deepest first; index = shape id
     max_model_len: int
     biases: BiasTable  # bias compensation on the model's device and dtype
+    native: NativeDecoder | None = None  # the native CPU decoder step, where it serves
 
     @property
     def full(self) -> ShapeSpec:
@@ -80,15 +83,19 @@ def load_bundle(
     max_model_len: int | None = None,
     name: str | None = None,
     lora: bool = True,
+    cpu_kernels: str = "auto",
 ) -> ModelBundle:
     """Load a base model (default: the embedded SmolLM2-135M) and serve it through `pack`.
 
     pack=None uses the pack committed for the default model, else the identity pack (original
     order, uniform widths, evenly spaced layers). `lora` applies the pack directory's fine-tuned
     adapters, if it has any (lora=False: the calibrated shapes alone, e.g. `eval --no-lora`).
+    `cpu_kernels` on a CPU: "auto" runs steps in the native kernels when they build here, "native"
+    requires them, "torch" keeps torch ops.
     """
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    ext = native_extension(cpu_kernels, dev)
+    torch_dtype = resolve_dtype(dtype, dev, native=ext is not None)
     model_dir = resolve_model_dir(model, cache_dir)
     config, hf_config = load_config(model_dir)
     state = load_state_dict(model_dir)
@@ -111,6 +118,10 @@ def load_bundle(
     if lora and pack_dir is not None and has_adapters(pack_dir):
         experts, _ = load_adapters(pack_dir, config, pack.widths)
         elastic.lora = effective_weights(experts, specs, torch_dtype, dev)
+    biases = {
+        k: (o.to(dev, torch_dtype), d.to(dev, torch_dtype)) for k, (o, d) in pack.bias.items()
+    }
+    native = NativeDecoder(ext, elastic, specs, biases, (cos, sin)) if ext is not None else None
     return ModelBundle(
         name=name,
         model_dir=model_dir,
@@ -120,7 +131,23 @@ def load_bundle(
         tokenizer=load_tokenizer(model_dir),
         specs=specs,
         max_model_len=max_len,
-        biases={
-            k: (o.to(dev, torch_dtype), d.to(dev, torch_dtype)) for k, (o, d) in pack.bias.items()
-        },
+        biases=biases,
+        native=native,
     )
+
+
+CPU_KERNELS = ("auto", "native", "torch")
+
+
+def native_extension(cpu_kernels: str, device: torch.device) -> ModuleType | None:
+    """The native CPU extension when `cpu_kernels` and the device call for it, else None."""
+    if cpu_kernels not in CPU_KERNELS:
+        raise ValueError(f"unknown cpu_kernels {cpu_kernels!r}: use {', '.join(CPU_KERNELS)}")
+    if device.type != "cpu" or cpu_kernels == "torch":
+        return None
+    from ..kernels.cpu import load
+
+    ext = load()
+    if ext is None and cpu_kernels == "native":
+        raise RuntimeError("--cpu-kernels native: the native CPU kernels do not build here")
+    return ext

@@ -51,16 +51,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on CUDA and on CPUs with native bf16; fp32 on CPUs that would emulate it.
+def resolve_dtype(
+    dtype: str | torch.dtype, device: torch.device, native: bool = False
+) -> torch.dtype:
+    """`auto`: bf16 on CUDA, under the native CPU kernels (bf16 in memory, fp32 math) and on
+    CPUs with native bf16; fp32 on CPUs where torch would emulate it.
 
-    Emulated bf16 halves the bytes a batch-1 decode reads, but its math loses from batch ~4 up
-    (BENCHMARKS.md, bench/bench_decode.py), and a server runs batches.
+    Emulated bf16 halves the bytes a batch-1 decode reads, but torch's math loses from batch ~4
+    up (BENCHMARKS.md, bench/bench_decode.py), and a server runs batches.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if device.type == "cuda" or cpu_has_native_bf16():
+        if device.type == "cuda" or native or cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
     if dtype not in DTYPES:

@@ -69,12 +69,12 @@ def _permute_heads(w: torch.Tensor, order: torch.Tensor, head_dim: int) -> torch
 def _transposed(w_t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`w_t` ([K, N], the transpose of a [N, K] weight) in the memory order its matmul reads best.
 
-    Prefixes over K are row slices either way. CUDA kernels and fp32 CPU GEMV want [K, N]
-    contiguous; the CPU's bf16/fp16 GEMV streams [N, K] rows 1.4x faster (22 vs 16 GB/s for a
-    576x1536 down at batch 1, bench/bench_cpu_ops.py), so there the [K, N] tensor is a transposed
-    view of a contiguous [N, K] one and `x[:, :k] @ w_t[:k]` runs as F.linear on a strided view.
+    Prefixes over K are row slices either way. CUDA kernels want [K, N] contiguous. On the CPU
+    the tensor is a transposed view of a contiguous [N, K] one: the native kernels read weights
+    as [N, K] rows (model/native.py), torch's bf16/fp16 GEMV streams [N, K] rows 1.4x faster
+    (bench/bench_cpu_ops.py), and `x[:, :k] @ w_t[:k]` runs as F.linear on the strided view.
     """
-    if device.type == "cpu" and w_t.dtype in (torch.bfloat16, torch.float16):
+    if device.type == "cpu":
         return w_t.t().contiguous().t()
     return w_t.contiguous()
 

@@ -31,6 +31,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pack", default=None, help="pack directory (default: the model's own)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument(
+        "--cpu-kernels",
+        default="auto",
+        choices=("auto", "native", "torch"),
+        help="on a CPU: native C++ kernels when they build here (auto), required, or torch ops",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")

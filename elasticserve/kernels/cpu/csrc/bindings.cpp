@@ -1,0 +1,202 @@
+// Python bindings: the band linear (for tests and benchmarks) and the native decoder.
+#include <omp.h>
+#include <torch/extension.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "forward.h"
+#include "linear.h"
+
+namespace {
+
+using es::DType;
+using es::Mat;
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+// A 2-D row-major CPU weight (fp32 or bf16), rows contiguous.
+Mat as_mat(const at::Tensor& t, const std::string& name) {
+  require(t.device().is_cpu(), name + ": must be on the CPU");
+  require(t.dim() == 2, name + ": must be 2-D");
+  require(t.stride(1) == 1, name + ": rows must be contiguous");
+  require(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
+          name + ": must be float32 or bfloat16");
+  return Mat{t.data_ptr(), t.scalar_type() == at::kFloat ? DType::F32 : DType::BF16, t.size(0),
+             t.size(1), t.stride(0)};
+}
+
+const float* f32(const at::Tensor& t, int64_t numel, const std::string& name) {
+  require(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+          name + ": must be a contiguous float32 CPU tensor");
+  require(t.numel() == numel, name + ": expected " + std::to_string(numel) + " elements, got " +
+                                  std::to_string(t.numel()));
+  return t.data_ptr<float>();
+}
+
+template <typename T>
+const T* ints(const at::Tensor& t, at::ScalarType type, int64_t numel, const std::string& name) {
+  require(t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous(),
+          name + ": must be a contiguous " + std::string(c10::toString(type)) + " CPU tensor");
+  require(numel < 0 || t.numel() == numel,
+          name + ": expected " + std::to_string(numel) + " elements");
+  return t.data_ptr<T>();
+}
+
+std::vector<es::Band> as_bands(const at::Tensor& bands) {
+  const int32_t* p = ints<int32_t>(bands, at::kInt, -1, "bands");
+  require(bands.dim() == 2 && bands.size(1) == 2, "bands: must be [S, 2] (row_end, width)");
+  std::vector<es::Band> out;
+  for (int64_t i = 0; i < bands.size(0); ++i) out.push_back({p[2 * i], p[2 * i + 1]});
+  return out;
+}
+
+// y [M, N] (=|+=) x [M, K] against w's prefix bands; the same check as the Python reference.
+void linear(const at::Tensor& w, const at::Tensor& x, const at::Tensor& bands, int64_t flavour,
+            at::Tensor& y, bool accumulate, bool simd, int64_t threads) {
+  const Mat m = as_mat(w, "w");
+  require(flavour == 0 || flavour == 1, "flavour: 0 (output prefix) or 1 (input prefix)");
+  const auto fl = static_cast<es::Flavour>(flavour);
+  const std::vector<es::Band> b = as_bands(bands);
+  require(!b.empty(), "bands: at least one band is needed");
+  es::check_bands(m, b.data(), int(b.size()), fl);
+  require(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1, "x: [M, K] fp32");
+  require(y.scalar_type() == at::kFloat && y.dim() == 2 && y.stride(1) == 1, "y: [M, N] fp32");
+  const int64_t rows = b.back().row_end;
+  require(x.size(0) >= rows && y.size(0) >= rows, "x and y need the bands' rows");
+  const int64_t k_need = fl == es::Flavour::OUT_PREFIX ? m.cols : b.front().width;
+  const int64_t n_need = fl == es::Flavour::OUT_PREFIX ? b.front().width : m.rows;
+  require(x.size(1) >= k_need, "x: too few columns for the bands");
+  require(y.size(1) >= n_need, "y: too few columns for the bands");
+  require(!simd || es::cpu_supported(), "this CPU lacks AVX2/FMA/F16C");
+  pybind11::gil_scoped_release release;
+  if (threads > 0) omp_set_num_threads(int(threads));
+  (simd ? es::linear : es::linear_scalar)(m, x.data_ptr<float>(), x.stride(0), b.data(),
+                                          int(b.size()), fl, y.data_ptr<float>(), y.stride(0),
+                                          accumulate);
+}
+
+class NativeModel {
+ public:
+  NativeModel(std::vector<int64_t> dims, double eps, std::vector<std::vector<at::Tensor>> layers,
+              at::Tensor final_norm, at::Tensor embed, at::Tensor head, at::Tensor cos,
+              at::Tensor sin, std::vector<at::Tensor> shape_tables, at::Tensor bias_o,
+              at::Tensor bias_down) {
+    require(es::cpu_supported(), "the native decoder needs AVX2, FMA and F16C");
+    require(dims.size() == 7, "dims: hidden, heads, kv_heads, head_dim, intermediate, vocab, layers");
+    es::Model& m = model_;
+    m.hidden = int32_t(dims[0]), m.num_heads = int32_t(dims[1]), m.num_kv_heads = int32_t(dims[2]);
+    m.head_dim = int32_t(dims[3]), m.intermediate = int32_t(dims[4]), m.vocab = int32_t(dims[5]);
+    m.num_layers = int32_t(dims[6]);
+    m.eps = float(eps);
+    require(m.num_kv_heads > 0 && m.num_heads % m.num_kv_heads == 0, "heads: not whole groups");
+    require(int64_t(layers.size()) == m.num_layers, "layers: one entry per layer");
+    const int64_t H = m.hidden, I = m.intermediate, hd = m.head_dim;
+    const int64_t qkv_rows = 2 * m.num_kv_heads * hd + m.num_heads * hd;
+    auto keep = [&](const at::Tensor& t) -> const at::Tensor& { return held_.emplace_back(t); };
+    auto mat = [&](const at::Tensor& t, int64_t rows, int64_t cols, const std::string& name) {
+      const Mat w = as_mat(keep(t), name);
+      require(w.rows == rows && w.cols == cols, name + ": expected [" + std::to_string(rows) +
+                                                    ", " + std::to_string(cols) + "]");
+      return w;
+    };
+    for (int64_t l = 0; l < m.num_layers; ++l) {
+      const auto& t = layers[size_t(l)];
+      const std::string p = "layer " + std::to_string(l) + " ";
+      require(t.size() == 8, p + "needs attn_norm, qkv, qkv_bias, o, mlp_norm, gate, up, down");
+      es::LayerWeights w{};
+      w.attn_norm = f32(keep(t[0]), H, p + "attn_norm");
+      w.qkv = mat(t[1], qkv_rows, H, p + "qkv");
+      w.qkv_bias = t[2].numel() ? f32(keep(t[2]), qkv_rows, p + "qkv_bias") : nullptr;
+      w.o = mat(t[3], H, m.num_heads * hd, p + "o");
+      w.mlp_norm = f32(keep(t[4]), H, p + "mlp_norm");
+      w.gate = mat(t[5], I, H, p + "gate");
+      w.up = mat(t[6], I, H, p + "up");
+      w.down = mat(t[7], H, I, p + "down");
+      m.layers.push_back(w);
+    }
+    m.final_norm = f32(keep(final_norm), H, "final_norm");
+    m.embed = mat(embed, m.vocab, H, "embed");
+    m.head = mat(head, m.vocab, H, "head");
+    require(cos.dim() == 2 && cos.size(1) == hd && sin.sizes() == cos.sizes(), "cos/sin: [P, hd]");
+    m.max_pos = cos.size(0);
+    m.cos = f32(keep(cos), cos.numel(), "cos");
+    m.sin = f32(keep(sin), sin.numel(), "sin");
+    require(shape_tables.size() == 4, "shape_tables: kept, heads, mlp, bias");
+    const int64_t S = shape_tables[0].numel() / m.num_layers;
+    require(S > 0 && S * m.num_layers == shape_tables[0].numel(), "shape tables: [S, layers]");
+    m.shapes.num_shapes = int32_t(S);
+    const int32_t* tab[4];
+    for (int i = 0; i < 4; ++i)
+      tab[i] = ints<int32_t>(keep(shape_tables[i]), at::kInt, S * m.num_layers, "shape table");
+    m.shapes.kept = tab[0], m.shapes.heads = tab[1], m.shapes.mlp = tab[2], m.shapes.bias = tab[3];
+    m.num_bias = int32_t(bias_o.numel() / std::max<int64_t>(H, 1));
+    m.bias_o = m.num_bias ? f32(keep(bias_o), int64_t(m.num_bias) * H, "bias_o") : nullptr;
+    m.bias_down = m.num_bias ? f32(keep(bias_down), int64_t(m.num_bias) * H, "bias_down") : nullptr;
+    for (int64_t i = 0; i < S * m.num_layers; ++i) {
+      require(tab[1][i] >= 0 && tab[1][i] <= m.num_heads && tab[1][i] % m.num_kv_heads == 0,
+              "shape tables: heads must be whole KV groups within the layer");
+      require(tab[2][i] >= 0 && tab[2][i] <= m.intermediate, "shape tables: MLP width too large");
+      require(tab[3][i] >= -1 && tab[3][i] < m.num_bias, "shape tables: bias row out of range");
+    }
+    forward_ = std::make_unique<es::Forward>(model_);
+  }
+
+  at::Tensor forward(const at::Tensor& tokens, const at::Tensor& positions,
+                     const at::Tensor& row_shape, const at::Tensor& row_seq,
+                     const at::Tensor& blocks, const at::Tensor& logit_rows, at::Tensor& cache,
+                     int64_t block_size, int64_t threads) {
+    const es::Model& m = model_;
+    es::Step s{};
+    s.rows = tokens.numel();
+    s.tokens = ints<int64_t>(tokens, at::kLong, -1, "tokens");
+    s.positions = ints<int64_t>(positions, at::kLong, s.rows, "positions");
+    s.row_shape = ints<int32_t>(row_shape, at::kInt, s.rows, "row_shape");
+    s.row_seq = ints<int32_t>(row_seq, at::kInt, s.rows, "row_seq");
+    require(blocks.dim() == 3 && blocks.size(0) == m.num_layers, "blocks: [layers, seqs, blocks]");
+    s.num_seqs = blocks.size(1), s.max_blocks = blocks.size(2);
+    s.blocks = ints<int32_t>(blocks, at::kInt, -1, "blocks");
+    s.logit_rows = ints<int64_t>(logit_rows, at::kLong, -1, "logit_rows");
+    s.num_logits = logit_rows.numel();
+    require(cache.dim() == 4 && cache.size(1) == 2 && cache.size(2) == m.num_kv_heads &&
+                cache.size(3) == m.head_dim,
+            "cache: [slots, 2, kv_heads, head_dim]");
+    s.cache = const_cast<float*>(f32(cache, cache.numel(), "cache"));
+    s.num_slots = cache.size(0);
+    s.block_size = int32_t(block_size);
+    at::Tensor logits = at::empty({s.num_logits, m.vocab}, at::kFloat);
+    {
+      pybind11::gil_scoped_release release;
+      forward_->run(s, logits.data_ptr<float>(), int(threads));
+    }
+    return logits;
+  }
+
+ private:
+  es::Model model_{};
+  std::vector<at::Tensor> held_;  // the tensors model_ points into, kept alive
+  std::unique_ptr<es::Forward> forward_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "elasticserve's native CPU kernels";
+  mod.def("cpu_supported", &es::cpu_supported, "AVX2, FMA and F16C present");
+  mod.def("linear", &linear, "band linear", pybind11::arg("w"), pybind11::arg("x"),
+          pybind11::arg("bands"), pybind11::arg("flavour"), pybind11::arg("y"),
+          pybind11::arg("accumulate") = false, pybind11::arg("simd") = true,
+          pybind11::arg("threads") = 0);
+  pybind11::class_<NativeModel>(mod, "NativeModel")
+      .def(pybind11::init<std::vector<int64_t>, double, std::vector<std::vector<at::Tensor>>,
+                          at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                          std::vector<at::Tensor>, at::Tensor, at::Tensor>())
+      .def("forward", &NativeModel::forward, "one decoder step", pybind11::arg("tokens"),
+           pybind11::arg("positions"), pybind11::arg("row_shape"), pybind11::arg("row_seq"),
+           pybind11::arg("blocks"), pybind11::arg("logit_rows"), pybind11::arg("cache"),
+           pybind11::arg("block_size"), pybind11::arg("threads") = 0);
+}

@@ -1,0 +1,207 @@
+#include "forward.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "ops.h"
+
+namespace es {
+namespace {
+
+void embed_row(const Mat& e, int64_t token, float* out) {
+  if (e.dtype == DType::F32) {
+    std::memcpy(out, static_cast<const float*>(e.data) + token * e.ld, e.cols * sizeof(float));
+    return;
+  }
+  const uint16_t* src = static_cast<const uint16_t*>(e.data) + token * e.ld;
+  for (int64_t i = 0; i < e.cols; ++i) out[i] = bf16_to_float(src[i]);
+}
+
+// Runs of equal width from per-row widths (rows in step order), widest first.
+void make_bands(const std::vector<int32_t>& widths, std::vector<Band>& bands, const char* what) {
+  bands.clear();
+  for (size_t r = 0; r < widths.size(); ++r) {
+    const int32_t w = widths[r];
+    if (!bands.empty() && bands.back().width == w) {
+      bands.back().row_end = int32_t(r + 1);
+      continue;
+    }
+    if (!bands.empty() && bands.back().width < w)
+      throw std::invalid_argument(std::string("step rows are not sorted by ") + what +
+                                  " width: " + std::to_string(bands.back().width) + " then " +
+                                  std::to_string(w));
+    bands.push_back({int32_t(r + 1), w});
+  }
+}
+
+std::string at_row(int64_t r) { return " at row " + std::to_string(r); }
+
+}  // namespace
+
+void check_step(const Model& m, const Step& s) {
+  if (s.rows < 1) throw std::invalid_argument("a step needs at least one row");
+  if (s.num_logits > s.rows) throw std::invalid_argument("more logit rows than rows");
+  if (s.block_size < 1 || s.num_slots % s.block_size != 0)
+    throw std::invalid_argument("cache slots are not a whole number of blocks");
+  const int64_t num_blocks = s.num_slots / s.block_size;
+  std::vector<int64_t> last(size_t(s.num_seqs), -1);  // each sequence's furthest position
+  std::vector<int32_t> seq_shape(size_t(s.num_seqs), -1);
+  for (int64_t r = 0; r < s.rows; ++r) {
+    if (s.tokens[r] < 0 || s.tokens[r] >= m.vocab)
+      throw std::invalid_argument("token " + std::to_string(s.tokens[r]) + " out of vocab" +
+                                  at_row(r));
+    if (s.positions[r] < 0 || s.positions[r] >= m.max_pos)
+      throw std::invalid_argument("position " + std::to_string(s.positions[r]) +
+                                  " past the rotary table" + at_row(r));
+    if (s.row_shape[r] < 0 || s.row_shape[r] >= m.shapes.num_shapes)
+      throw std::invalid_argument("unknown shape id" + at_row(r));
+    const int32_t q = s.row_seq[r];
+    if (q < 0 || q >= s.num_seqs) throw std::invalid_argument("unknown sequence" + at_row(r));
+    if (seq_shape[q] >= 0 && seq_shape[q] != s.row_shape[r])
+      throw std::invalid_argument("one sequence with two shapes" + at_row(r));
+    seq_shape[q] = s.row_shape[r];
+    last[q] = std::max(last[q], s.positions[r]);
+  }
+  for (int64_t i = 0; i < s.num_logits; ++i)
+    if (s.logit_rows[i] < 0 || s.logit_rows[i] >= s.rows)
+      throw std::invalid_argument("logit row out of range");
+  const int32_t L = m.num_layers;
+  for (int64_t q = 0; q < s.num_seqs; ++q) {
+    if (last[q] < 0) continue;
+    const int64_t need = last[q] / s.block_size + 1;
+    if (need > s.max_blocks)
+      throw std::invalid_argument("sequence " + std::to_string(q) + " has too few blocks");
+    for (int32_t l = 0; l < L; ++l) {
+      if (!m.shapes.kept[int64_t(seq_shape[q]) * L + l]) continue;
+      const int32_t* table = s.blocks + (int64_t(l) * s.num_seqs + q) * s.max_blocks;
+      for (int64_t b = 0; b < need; ++b)
+        if (table[b] < 0 || table[b] >= num_blocks)
+          throw std::invalid_argument("block " + std::to_string(table[b]) + " of sequence " +
+                                      std::to_string(q) + " in layer " + std::to_string(l) +
+                                      " is not in the cache");
+    }
+  }
+}
+
+void Forward::run(const Step& s, float* logits, int threads) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (threads > 0) omp_set_num_threads(threads);
+  check_step(model_, s);
+  const Model& m = model_;
+  const int64_t T = s.rows, H = m.hidden, hd = m.head_dim, kv = m.num_kv_heads;
+  const int64_t I = m.intermediate, L = m.num_layers;
+  const int64_t kv_rows = kv * hd, ldq = 2 * kv_rows + int64_t(m.num_heads) * hd;
+  const int64_t lda = int64_t(m.num_heads) * hd, slot_stride = 2 * kv_rows;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  int64_t max_ctx = 1;
+  for (int64_t r = 0; r < T; ++r) max_ctx = std::max(max_ctx, s.positions[r] + 1);
+  const int max_ranks = m.num_heads / m.num_kv_heads;
+
+  x_.resize(T * H);
+  xl_.resize(T * H);
+  h_.resize(T * H);
+  qkv_.resize(T * ldq);
+  attn_.resize(T * lda);
+  gate_.resize(T * I);
+  up_.resize(T * I);
+  scores_.resize(size_t(omp_get_max_threads()) * max_ranks * max_ctx);
+  const bool wide = T > 8;  // small ops go parallel only when there are enough rows
+
+#pragma omp parallel for if (wide)
+  for (int64_t r = 0; r < T; ++r) embed_row(m.embed, s.tokens[r], x_.data() + r * H);
+
+  std::vector<int32_t> qkv_w, attn_w, mlp_w, bias_row;
+  std::vector<Band> qkv_b, attn_b, mlp_b;
+  for (int64_t l = 0; l < L; ++l) {
+    const LayerWeights& w = m.layers[size_t(l)];
+    active_.clear();
+    qkv_w.clear(), attn_w.clear(), mlp_w.clear(), bias_row.clear();
+    for (int64_t r = 0; r < T; ++r) {
+      const int64_t at = int64_t(s.row_shape[r]) * L + l;
+      if (!m.shapes.kept[at]) continue;
+      active_.push_back(int32_t(r));
+      attn_w.push_back(m.shapes.heads[at] * int32_t(hd));
+      qkv_w.push_back(int32_t(2 * kv_rows) + attn_w.back());
+      mlp_w.push_back(m.shapes.mlp[at]);
+      bias_row.push_back(m.shapes.bias[at]);
+    }
+    if (active_.empty()) continue;
+    const int64_t n = int64_t(active_.size());
+    const bool all = n == T;
+    const bool par = n > 8;
+    float* x = all ? x_.data() : xl_.data();
+    if (!all)
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(x + i * H, x_.data() + active_[i] * H, H * sizeof(float));
+    make_bands(qkv_w, qkv_b, "head");
+    make_bands(attn_w, attn_b, "head");
+    make_bands(mlp_w, mlp_b, "MLP");
+
+#pragma omp parallel for if (par)
+    for (int64_t i = 0; i < n; ++i) rms_norm(x + i * H, w.attn_norm, h_.data() + i * H, H, m.eps);
+    linear(w.qkv, h_.data(), H, qkv_b.data(), int(qkv_b.size()), Flavour::OUT_PREFIX,
+           qkv_.data(), ldq, false);
+
+#pragma omp parallel for if (par)
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = qkv_.data() + i * ldq;
+      if (w.qkv_bias)
+        for (int32_t c = 0; c < qkv_w[i]; ++c) row[c] += w.qkv_bias[c];
+      const int64_t r = active_[i], pos = s.positions[r];
+      // keys then queries are adjacent: one rotary pass over kv + kept query heads
+      rotary(row + kv_rows, int(kv + attn_w[i] / hd), int(hd), m.cos + pos * hd,
+             m.sin + pos * hd);
+      const int32_t* table = s.blocks + (l * s.num_seqs + s.row_seq[r]) * s.max_blocks;
+      const int64_t slot = int64_t(table[pos / s.block_size]) * s.block_size + pos % s.block_size;
+      std::memcpy(s.cache + slot * slot_stride, row, slot_stride * sizeof(float));  // v, k
+    }
+
+    // every row's new K/V is in the cache before any row attends (a prefill chunk's own keys)
+#pragma omp parallel for schedule(dynamic) if (n * kv > 1)
+    for (int64_t job = 0; job < n * kv; ++job) {
+      const int64_t i = job / kv, g = job % kv, r = active_[i];
+      const int ranks = int(attn_w[i] / hd / kv);
+      const int32_t* table = s.blocks + (l * s.num_seqs + s.row_seq[r]) * s.max_blocks;
+      float* sc = scores_.data() + size_t(omp_get_thread_num()) * max_ranks * max_ctx;
+      attend(qkv_.data() + i * ldq + 2 * kv_rows + g * hd, kv * hd, ranks, s.cache, slot_stride,
+             kv_rows + g * hd, g * hd, table, s.block_size, s.positions[r] + 1, int(hd), scale,
+             sc, attn_.data() + i * lda + g * hd, kv * hd);
+    }
+    linear(w.o, attn_.data(), lda, attn_b.data(), int(attn_b.size()), Flavour::IN_PREFIX, x, H,
+           true);
+    for (int64_t i = 0; i < n; ++i)
+      if (bias_row[i] >= 0)
+        for (int64_t c = 0; c < H; ++c) x[i * H + c] += m.bias_o[bias_row[i] * H + c];
+
+#pragma omp parallel for if (par)
+    for (int64_t i = 0; i < n; ++i) rms_norm(x + i * H, w.mlp_norm, h_.data() + i * H, H, m.eps);
+    linear(w.gate, h_.data(), H, mlp_b.data(), int(mlp_b.size()), Flavour::OUT_PREFIX,
+           gate_.data(), I, false);
+    linear(w.up, h_.data(), H, mlp_b.data(), int(mlp_b.size()), Flavour::OUT_PREFIX, up_.data(),
+           I, false);
+#pragma omp parallel for if (par)
+    for (int64_t i = 0; i < n; ++i) silu_mul(gate_.data() + i * I, up_.data() + i * I, mlp_w[i]);
+    linear(w.down, gate_.data(), I, mlp_b.data(), int(mlp_b.size()), Flavour::IN_PREFIX, x, H,
+           true);
+    for (int64_t i = 0; i < n; ++i)
+      if (bias_row[i] >= 0)
+        for (int64_t c = 0; c < H; ++c) x[i * H + c] += m.bias_down[bias_row[i] * H + c];
+
+    if (!all)
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(x_.data() + active_[i] * H, x + i * H, H * sizeof(float));
+  }
+
+  for (int64_t i = 0; i < s.num_logits; ++i)
+    rms_norm(x_.data() + s.logit_rows[i] * H, m.final_norm, h_.data() + i * H, H, m.eps);
+  if (s.num_logits == 0) return;
+  const Band all_rows{int32_t(s.num_logits), int32_t(m.vocab)};
+  linear(m.head, h_.data(), H, &all_rows, 1, Flavour::OUT_PREFIX, logits, m.vocab, false);
+}
+
+}  // namespace es

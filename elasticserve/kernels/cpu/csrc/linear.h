@@ -1,0 +1,54 @@
+// Elastic linears on prefix-sliceable weights: any mix of widths in one pass over the weights.
+//
+// Rows of a step come sorted widest first and grouped in bands: rows [prev_end, row_end) keep
+// `width` output features (OUT_PREFIX: q/k/v, gate, up, the LM head) or input features
+// (IN_PREFIX: o, down). Weights are row-major [N, K] in fp32 or bf16; math is fp32. Each weight
+// row is read once per call whatever the mix: the rows that keep it share the read.
+#pragma once
+
+#include <cstdint>
+
+namespace es {
+
+enum class DType : int32_t { F32 = 0, BF16 = 1 };
+
+struct Mat {  // a row-major weight [rows, cols] with leading dimension ld (elements)
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0, cols = 0, ld = 0;
+};
+
+struct Band {  // rows [previous row_end, row_end) keep `width` features; widths strictly decrease
+  int32_t row_end;
+  int32_t width;
+};
+
+enum class Flavour : int32_t { OUT_PREFIX = 0, IN_PREFIX = 1 };
+
+// y[r, n] (=|+=) sum_k x[r, k] * w[n, k] over the prefix each band keeps.
+// OUT_PREFIX: n < width(r), k < w.cols; columns of y past a row's width are left untouched.
+// IN_PREFIX:  n < w.rows,   k < width(r).
+// Runs on the calling thread's OpenMP team when called inside a parallel region (orphaned
+// `omp for`), else opens its own.
+void linear(const Mat& w, const float* x, int64_t ldx, const Band* bands, int nbands,
+            Flavour flavour, float* y, int64_t ldy, bool accumulate);
+
+// The same with no vector instructions: the check of the SIMD kernel in tests.
+void linear_scalar(const Mat& w, const float* x, int64_t ldx, const Band* bands, int nbands,
+                   Flavour flavour, float* y, int64_t ldy, bool accumulate);
+
+// Validates bands against the weight (throws std::invalid_argument naming the bad value).
+void check_bands(const Mat& w, const Band* bands, int nbands, Flavour flavour);
+
+// True when the CPU runs the kernels' instructions (AVX2, FMA, F16C).
+bool cpu_supported();
+
+inline float bf16_to_float(uint16_t v) {
+  union {
+    uint32_t u;
+    float f;
+  } c{uint32_t(v) << 16};
+  return c.f;
+}
+
+}  // namespace es

@@ -1,0 +1,185 @@
+#include "ops.h"
+
+#include <immintrin.h>
+
+#include <cmath>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace es {
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// e^x for x <= 0 (softmax after the max is taken): 2^(x log2 e) split into 2^n * 2^f,
+// |f| <= 0.5, 2^f by a degree-6 polynomial (relative error ~2e-7); below -87 it is 0.
+inline __m256 exp_neg(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(y, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381608e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+  return _mm256_andnot_ps(under, r);
+}
+
+float exp_neg1(float x) {
+  float in[8] = {x}, out[8];
+  _mm256_storeu_ps(out, exp_neg(_mm256_loadu_ps(in)));
+  return out[0];
+}
+
+}  // namespace
+
+void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = hsum(acc);
+  for (; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / float(n) + eps);
+  const __m256 s = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i,
+                     _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), s), _mm256_loadu_ps(w + i)));
+  for (; i < n; ++i) out[i] = x[i] * inv * w[i];
+}
+
+void rotary(float* x, int heads, int hd, const float* cos, const float* sin) {
+  const int half = hd / 2;
+  for (int h = 0; h < heads; ++h) {
+    float* v = x + int64_t(h) * hd;
+    int i = 0;
+    for (; i + 8 <= half; i += 8) {
+      const __m256 a = _mm256_loadu_ps(v + i), b = _mm256_loadu_ps(v + half + i);
+      const __m256 ra = _mm256_fnmadd_ps(b, _mm256_loadu_ps(sin + i),
+                                         _mm256_mul_ps(a, _mm256_loadu_ps(cos + i)));
+      const __m256 rb = _mm256_fmadd_ps(a, _mm256_loadu_ps(sin + half + i),
+                                        _mm256_mul_ps(b, _mm256_loadu_ps(cos + half + i)));
+      _mm256_storeu_ps(v + i, ra);
+      _mm256_storeu_ps(v + half + i, rb);
+    }
+    for (; i < half; ++i) {
+      const float a = v[i], b = v[half + i];
+      v[i] = a * cos[i] - b * sin[i];
+      v[half + i] = b * cos[half + i] + a * sin[half + i];
+    }
+  }
+}
+
+void silu_mul(float* gate, const float* up, int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    // silu(g) = g / (1 + e^-g); e^-|g| keeps the exponent <= 0
+    const __m256 neg_abs = _mm256_or_ps(g, _mm256_set1_ps(-0.0f));
+    const __m256 e = exp_neg(neg_abs);  // e^-|g|
+    const __m256 pos = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_GE_OQ);
+    // g >= 0: sigmoid = 1 / (1 + e); g < 0: sigmoid = e / (1 + e)
+    const __m256 sig = _mm256_div_ps(_mm256_blendv_ps(e, one, pos), _mm256_add_ps(one, e));
+    _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) {
+    const float g = gate[i];
+    gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void attend(const float* q, int64_t q_stride, int ranks, const float* cache, int64_t slot_stride,
+            int64_t k_off, int64_t v_off, const int32_t* blocks, int32_t bs, int64_t ctx, int hd,
+            float scale, float* scores, float* out, int64_t out_stride) {
+  const bool vec = hd % 8 == 0;
+  for (int64_t t = 0; t < ctx; ++t) {
+    const int64_t slot = int64_t(blocks[t / bs]) * bs + t % bs;
+    const float* k = cache + slot * slot_stride + k_off;
+    for (int j = 0; j < ranks; ++j) {
+      const float* qj = q + j * q_stride;
+      float s = 0;
+      if (vec) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < hd; i += 8)
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(qj + i), _mm256_loadu_ps(k + i), acc);
+        s = hsum(acc);
+      } else {
+        for (int i = 0; i < hd; ++i) s += qj[i] * k[i];
+      }
+      scores[j * ctx + t] = s * scale;
+    }
+  }
+  for (int j = 0; j < ranks; ++j) {
+    float* p = scores + j * ctx;
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 8 <= ctx; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(p + t));
+    float m = hmax(mv);
+    for (; t < ctx; ++t) m = p[t] > m ? p[t] : m;
+    const __m256 mm = _mm256_set1_ps(m);
+    __m256 sv = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= ctx; t += 8) {
+      const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(p + t), mm));
+      _mm256_storeu_ps(p + t, e);
+      sv = _mm256_add_ps(sv, e);
+    }
+    float sum = hsum(sv);
+    for (; t < ctx; ++t) {
+      p[t] = exp_neg1(p[t] - m);
+      sum += p[t];
+    }
+    const float inv = 1.0f / sum;
+    for (t = 0; t < ctx; ++t) p[t] *= inv;
+  }
+  for (int j = 0; j < ranks; ++j) {
+    float* o = out + j * out_stride;
+    const float* p = scores + j * ctx;
+    if (vec && hd <= 128) {
+      __m256 acc[16];
+      const int nv = hd / 8;
+      for (int i = 0; i < nv; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < ctx; ++t) {
+        const int64_t slot = int64_t(blocks[t / bs]) * bs + t % bs;
+        const float* v = cache + slot * slot_stride + v_off;
+        const __m256 pt = _mm256_set1_ps(p[t]);
+        for (int i = 0; i < nv; ++i)
+          acc[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * i), acc[i]);
+      }
+      for (int i = 0; i < nv; ++i) _mm256_storeu_ps(o + 8 * i, acc[i]);
+    } else {
+      for (int i = 0; i < hd; ++i) o[i] = 0;
+      for (int64_t t = 0; t < ctx; ++t) {
+        const int64_t slot = int64_t(blocks[t / bs]) * bs + t % bs;
+        const float* v = cache + slot * slot_stride + v_off;
+        for (int i = 0; i < hd; ++i) o[i] += p[t] * v[i];
+      }
+    }
+  }
+}
+
+}  // namespace es
+
+#pragma GCC pop_options

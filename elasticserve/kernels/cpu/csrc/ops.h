@@ -1,0 +1,25 @@
+// A decoder layer's small ops, fp32, AVX2 + FMA (callers check es::cpu_supported()).
+#pragma once
+
+#include <cstdint>
+
+namespace es {
+
+// out[i] = x[i] / rms(x) * w[i] for one row of n
+void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps);
+
+// HF rotate_half rotary on `heads` consecutive vectors of hd at x, cos/sin rows of hd
+void rotary(float* x, int heads, int hd, const float* cos, const float* sin);
+
+// out[i] = silu(gate[i]) * up[i]
+void silu_mul(float* gate, const float* up, int64_t n);
+
+// Causal attention of one row's query heads of one KV group over the paged cache.
+// q: the group's first head, rank j at q + j * q_stride (out likewise, out_stride);
+// the context is positions [0, ctx), position t at slot blocks[t / bs] * bs + t % bs, its key at
+// cache + slot * slot_stride + k_off and value at + v_off; scores: ranks * ctx floats.
+void attend(const float* q, int64_t q_stride, int ranks, const float* cache, int64_t slot_stride,
+            int64_t k_off, int64_t v_off, const int32_t* blocks, int32_t bs, int64_t ctx, int hd,
+            float scale, float* scores, float* out, int64_t out_stride);
+
+}  // namespace es

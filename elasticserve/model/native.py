@@ -1,0 +1,147 @@
+"""The decoder step in the native CPU kernels (kernels/cpu): one call runs every layer of a step.
+
+Same inputs as `build_step` + `ElasticModel.forward` (one `SeqChunk` per sequence, the paged
+cache) and the same result, without the ~25 torch calls per layer: the rows are sorted widest
+first, and the C++ side gathers each layer's rows, runs the elastic linears on prefix bands
+(each weight byte read once for any mix of shapes), writes the new V/K and attends. Weights stay
+in the model's dtype in memory (bf16 halves the bytes) and the math is fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from .decoder import ElasticModel
+from .shapes import ShapeSpec
+from .step_plan import BiasTable, SeqChunk
+
+
+class NativeDecoder:
+    """An `ElasticModel`'s weights bound to the native decoder, with the grid's shape tables."""
+
+    def __init__(
+        self,
+        ext: ModuleType,
+        model: ElasticModel,
+        specs: Sequence[ShapeSpec],
+        biases: BiasTable,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        cfg, w = model.config, model.weights
+        self.config = cfg
+        self.model = model
+        num_layers = cfg.num_layers
+        bias_rows: dict[tuple[float, int], int] = {}
+        bias_o: list[torch.Tensor] = []
+        bias_down: list[torch.Tensor] = []
+        for key, (o, down) in biases.items():
+            bias_rows[key] = len(bias_o)
+            bias_o.append(o.float())
+            bias_down.append(down.float())
+        kept, heads, mlp, bias = [], [], [], []
+        for spec in specs:
+            kept += [int(k) for k in spec.kept]
+            heads += list(spec.heads)
+            mlp += list(spec.mlp)
+            bias += [bias_rows.get((spec.shape.width, i), -1) for i in range(num_layers)]
+        tables = [torch.tensor(t, dtype=torch.int32) for t in (kept, heads, mlp, bias)]
+
+        def f32(t: torch.Tensor | None) -> torch.Tensor:
+            return torch.empty(0) if t is None else t.float().contiguous()
+
+        layers = [
+            [
+                f32(lw.attn_norm),
+                lw.qkv,
+                f32(lw.qkv_bias),
+                lw.o_t.t(),  # [H, heads*hd]: the serving layout stores it as [N, K] rows on CPU
+                f32(lw.mlp_norm),
+                lw.gate,
+                lw.up,
+                lw.down_t.t(),
+            ]
+            for lw in w.layers
+        ]
+        cos, sin = (t.float().contiguous() for t in rope)
+        stack = torch.stack if bias_o else (lambda _: torch.empty(0))
+        self.native = ext.NativeModel(
+            [
+                cfg.hidden_size,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                cfg.intermediate_size,
+                cfg.vocab_size,
+                num_layers,
+            ],
+            cfg.rms_norm_eps,
+            layers,
+            f32(w.norm),
+            w.embed,
+            w.lm_head,
+            cos,
+            sin,
+            tables,
+            stack(bias_o),
+            stack(bias_down),
+        )
+
+    def supports(self, chunks: Sequence[SeqChunk]) -> bool:
+        """True when the native step can run these chunks: every one has its block table and
+        no row's shape carries an adapter (LoRA runs on the torch path)."""
+        if any(c.block_table is None for c in chunks):
+            return False
+        lora = self.model.lora
+        if lora is None:
+            return True
+        return not any(slots[c.spec.id] >= 0 for slots in lora.slots for c in chunks)
+
+    def forward(
+        self, chunks: Sequence[SeqChunk], cache: torch.Tensor, block_size: int
+    ) -> tuple[torch.Tensor, list[slice]]:
+        """(logits [N, V] fp32, each chunk's rows of them in input order); writes new K/V."""
+        order = sorted(
+            range(len(chunks)),
+            key=lambda i: (-chunks[i].spec.shape.width, chunks[i].spec.id),
+        )
+        tokens: list[int] = []
+        positions: list[int] = []
+        row_shape: list[int] = []
+        row_seq: list[int] = []
+        logit_rows: list[int] = []
+        logit_slices = [slice(0, 0)] * len(chunks)
+        num_layers = self.config.num_layers
+        width = max(len(t) for c in chunks for t in c.block_table or [[]])
+        pad = [-1] * max(width, 1)
+        blocks = [[pad] * len(chunks) for _ in range(num_layers)]  # [layer][seq][block]
+        for seq, i in enumerate(order):
+            c = chunks[i]
+            assert c.block_table is not None
+            n, start = len(c.token_ids), len(tokens)
+            tokens += c.token_ids
+            positions += range(c.num_computed, c.num_computed + n)
+            row_shape += [c.spec.id] * n
+            row_seq += [seq] * n
+            first = len(logit_rows)
+            if c.logits == "all":
+                logit_rows += range(start, start + n)
+            elif c.logits == "last":
+                logit_rows.append(start + n - 1)
+            logit_slices[i] = slice(first, len(logit_rows))
+            for layer, table in zip(c.spec.layers, c.block_table, strict=True):
+                blocks[layer][seq] = table + pad[len(table) :]
+        logits = self.native.forward(
+            torch.tensor(tokens, dtype=torch.long),
+            torch.tensor(positions, dtype=torch.long),
+            torch.tensor(row_shape, dtype=torch.int32),
+            torch.tensor(row_seq, dtype=torch.int32),
+            torch.tensor(blocks, dtype=torch.int32),
+            torch.tensor(logit_rows, dtype=torch.long),
+            cache,
+            block_size,
+            torch.get_num_threads(),  # the native threads follow torch's setting
+        )
+        return logits, logit_slices

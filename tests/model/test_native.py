@@ -1,0 +1,135 @@
+"""The native decoder step against the torch step: mixed shapes, prefill chunks, paged decode."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from elasticserve.engine import kv_cache
+from elasticserve.engine.llm_engine import EngineConfig, LLMEngine
+from elasticserve.engine.sampling import SamplingParams
+from elasticserve.kernels.cpu import build
+from elasticserve.model.bundle import load_bundle
+from elasticserve.model.step_plan import SeqChunk, build_step
+
+from ..helpers import random_pack
+
+pytestmark = pytest.mark.skipif(
+    build.load() is None, reason="the native CPU kernels do not build here"
+)
+
+BLOCK = 4
+SHAPES = ["full", "d5-w0.75", "d6-w0.5", "d3-w0.625", "d4-w0.875"]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def bundle(request, tiny_llama_dir, tiny_qwen2_dir):
+    model_dir = tiny_llama_dir if request.param == "llama" else tiny_qwen2_dir
+    base = load_bundle(model_dir, dtype="float32", cpu_kernels="torch")
+    return load_bundle(model_dir, pack=random_pack(base.pack, seed=5), dtype="float32")
+
+
+class Tables:
+    """Block tables handed out from a pool, as the block manager would."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def table(self, spec, tokens: int) -> list[list[int]]:
+        need = -(-tokens // BLOCK)
+        out = [list(range(self.next + i * need, self.next + (i + 1) * need)) for i in spec.layers]
+        self.next += need * len(spec.layers)
+        return out
+
+
+def torch_step(bundle, chunks, cache):
+    cfg = bundle.config
+    step = build_step(chunks, cfg.num_layers, cfg.head_dim, 2 * cfg.kv_size, BLOCK, bundle.biases)
+    return bundle.model.forward(step, cache), step.logit_slices
+
+
+def test_mixed_prefill_and_decode_match_torch(bundle):
+    cfg = bundle.config
+    caches = [kv_cache.allocate(cfg, 512, BLOCK, torch.float32, torch.device("cpu")) for _ in "ab"]
+    g = torch.Generator().manual_seed(0)
+    lengths = [13, 1, 6, 9, 4]
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    specs = [bundle.spec(s) for s in SHAPES]
+    pool = Tables()
+    tables = [pool.table(s, n + 8) for s, n in zip(specs, lengths, strict=True)]
+    done = [0] * len(prompts)
+    # step 0: whole prompts but one split in two chunks; then chunked rest + decodes, all "all"
+    plans = [[(p[:7] if i == 0 else p) for i, p in enumerate(prompts)]]
+    plans.append([prompts[0][7:]] + [[t] for t in range(4)])
+    plans += [[[5 + s + i] for i in range(5)] for s in range(4)]
+    for step, pieces in enumerate(plans):
+        chunks = [
+            SeqChunk(spec, ids, done[i], tables[i], "all" if step < 2 else "last")
+            for i, (spec, ids) in enumerate(zip(specs, pieces, strict=True))
+        ]
+        want, want_slices = torch_step(bundle, chunks, caches[0])
+        got, got_slices = bundle.native.forward(chunks, caches[1], BLOCK)
+        for a, b in zip(want_slices, got_slices, strict=True):
+            ref, out = want[a], got[b]
+            assert ref.shape == out.shape
+            assert (ref - out).abs().max().item() <= 1e-4 * ref.abs().max().item()
+        for i, ids in enumerate(pieces):
+            done[i] += len(ids)
+    # the caches hold the same K/V in every slot the tables use
+    used = torch.tensor([b * BLOCK + o for t in tables for lt in t for b in lt for o in range(4)])
+    assert torch.allclose(caches[0][used], caches[1][used], atol=1e-5)
+
+
+def test_bad_indices_are_refused(bundle):
+    cfg = bundle.config
+    cache = kv_cache.allocate(cfg, 16, BLOCK, torch.float32, torch.device("cpu"))
+    spec = bundle.full
+    table = [[0, 1] for _ in spec.layers]
+    with pytest.raises(ValueError, match="too few blocks"):
+        bundle.native.forward([SeqChunk(spec, [1] * 9, 0, table)], cache, BLOCK)
+    table[2] = [0, 99]
+    with pytest.raises(ValueError, match="block 99 of sequence 0 in layer 2"):
+        bundle.native.forward([SeqChunk(spec, [1] * 6, 0, table)], cache, BLOCK)
+    with pytest.raises(ValueError, match="out of vocab"):
+        bundle.native.forward([SeqChunk(spec, [cfg.vocab_size], 0, table)], cache, BLOCK)
+
+
+def test_engine_greedy_tokens_equal_torch_path(tiny_llama_dir, tokenizer):
+    base = load_bundle(tiny_llama_dir, dtype="float32", cpu_kernels="torch")
+    pack = random_pack(base.pack, seed=2)
+    outputs = {}
+    for kernels in ("torch", "native"):
+        bundle = load_bundle(tiny_llama_dir, pack=pack, dtype="float32", cpu_kernels=kernels)
+        assert (bundle.native is None) == (kernels == "torch")
+        engine = LLMEngine(bundle, EngineConfig(max_num_batched_tokens=16))
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        for i, shape in enumerate(SHAPES):
+            prompt = tokenizer(f"Chapter {i}: it was a dark night and")["input_ids"]
+            engine.add_request(prompt, params, shape=shape, request_id=f"r{i}")
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = list(out.outputs[0].token_ids)
+        outputs[kernels] = done
+    assert outputs["native"] == outputs["torch"]
+
+
+def test_no_compiler_falls_back_to_torch_with_one_warning(monkeypatch, caplog, tiny_llama_dir):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise OSError("no compiler here")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(build, "_state", {})
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
+        bundle = load_bundle(tiny_llama_dir, dtype="auto")
+        again = load_bundle(tiny_llama_dir, dtype="auto", cpu_kernels="auto")
+    assert bundle.native is None and again.native is None
+    warnings = [r for r in caplog.records if "torch ops serve" in r.getMessage()]
+    assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
+    with pytest.raises(RuntimeError, match="do not build here"):
+        load_bundle(tiny_llama_dir, cpu_kernels="native")
