@@ -71,9 +71,6 @@ class PromptEncoder:
         self._check_chars(sum(len(m["content"]) + len(m.get("name", "")) for m in messages), param)
         return await self._run(self._encode_chat, messages, add_generation_prompt, param)
 
-    def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
-
     # -- on the tokenizer thread ---------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:

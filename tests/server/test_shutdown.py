@@ -76,7 +76,12 @@ def test_sigterm_drains_then_fails_the_rest_exits_and_a_restart_serves(tiny_llam
         ]
         for thread in threads:
             thread.start()
-        poll(lambda: httpx.get(f"{url}/health").json()["num_running"] == 8, 60, "8 in flight")
+
+        def admitted() -> bool:  # every request is in the engine, or already answered
+            load = httpx.get(f"{url}/health").json()
+            return load["num_running"] + load["num_waiting"] + len(results) == 8
+
+        poll(admitted, 60, "8 requests in flight")
         server.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(60)
