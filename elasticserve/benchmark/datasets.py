@@ -1,7 +1,9 @@
-"""Benchmark prompts: passages cut from the user's text (`austen`) or random common words."""
+"""Benchmark prompts: random common words, passages cut from the user's text (`austen`), or the
+prompts of a ShareGPT-like JSON / JSONL file (`sharegpt`)."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 
@@ -19,6 +21,7 @@ _COMMON_WORDS = (
     "our good long still own two"
 )
 COMMON_WORDS = _COMMON_WORDS.split()
+DATASETS = ("random", "austen", "sharegpt")
 
 
 def text_files(data: str | Path | None) -> list[Path]:
@@ -58,6 +61,56 @@ def random_prompts(num: int, input_len: int, seed: int) -> list[str]:
     return [" ".join(COMMON_WORDS[i] for i in row) for row in picks]
 
 
+def _record_prompt(record: object) -> str | None:
+    # ShareGPT: the first human turn of `conversations`; OpenAI: the first user message;
+    # else a plain `prompt` or `text` field.
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        return None
+    for turn in record.get("conversations") or []:
+        if isinstance(turn, dict) and turn.get("from") in ("human", "user"):
+            return str(turn.get("value", ""))
+    for message in record.get("messages") or []:
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            return content if isinstance(content, str) else None
+    for key in ("prompt", "text"):
+        if isinstance(record.get(key), str):
+            return str(record[key])
+    return None
+
+
+def file_prompts(data: str | Path | None, num: int, seed: int) -> list[str]:
+    """`num` prompts drawn (seeded, with replacement past the file's count) from a JSON/JSONL file.
+
+    A record is a ShareGPT conversation (`conversations`, first human turn), an OpenAI chat
+    (`messages`, first user message), an object with `prompt` or `text`, or a string.
+    """
+    if data is None:
+        raise FileNotFoundError("--dataset sharegpt needs --data FILE (.json or .jsonl)")
+    path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {str(data)!r}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--data {str(data)!r}: not JSON or JSONL ({exc})") from None
+    prompts = [p for p in map(_record_prompt, records) if p and p.strip()]
+    if not prompts:
+        raise ValueError(
+            f"--data {str(data)!r}: no record has a prompt (conversations, messages, prompt, text)"
+        )
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(prompts))
+    picks = order[:num] if num <= len(prompts) else rng.integers(0, len(prompts), size=num)
+    return [prompts[i] for i in picks]
+
+
 def with_unique_prefixes(prompts: list[str], nonce: str | None = None) -> list[str]:
     """Prefix each prompt with `[<nonce>-<index>]` so no two share a cacheable prefix."""
     # The nonce is fresh per run by default: a sweep re-sends the same bodies to the same server,
@@ -76,4 +129,6 @@ def prompt_bodies(
         return austen_prompts(text_files(data), num, input_len, seed)
     if dataset == "random":
         return random_prompts(num, input_len, seed)
-    raise ValueError(f"--dataset {dataset!r}: choose austen or random")
+    if dataset == "sharegpt":
+        return file_prompts(data, num, seed)  # the file's own lengths: --input-len is not used
+    raise ValueError(f"--dataset {dataset!r}: choose {', '.join(DATASETS)}")

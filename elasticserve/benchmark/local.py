@@ -18,7 +18,14 @@ from typing import Any
 import httpx
 
 from .datasets import with_unique_prefixes
-from .serve import BenchConfig, RequestResult, run_benchmark, send_request, summarize
+from .serve import (
+    BenchConfig,
+    RequestResult,
+    client_for,
+    run_benchmark,
+    send_request,
+    summarize,
+)
 
 
 def free_port() -> int:
@@ -76,7 +83,7 @@ async def probe_capacity(
     """Requests/s the server completes with `streams` back-to-back streams (a closed loop)."""
     done = 0
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=cfg.timeout, trust_env=False) as client:
+    async with client_for(cfg, streams) as client:
 
         async def loop(k: int) -> None:
             nonlocal done

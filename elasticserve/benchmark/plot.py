@@ -10,7 +10,7 @@ from typing import Any
 # Figure without pyplot renders through Agg and touches no global backend or GUI state.
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from .serve import load_runs
 
@@ -48,7 +48,8 @@ def _series(summaries: list[dict[str, Any]], key: str) -> list[float]:
     return [math.nan if s[key] is None else float(s[key]) for s in summaries]
 
 
-def _summaries(dirs: list[Path]) -> dict[str, list[dict[str, Any]]]:
+def summaries_by_label(dirs: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    """Each result directory's run summaries by rate, under the label its curves get."""
     runs = {_label(d, dirs): [run["summary"] for run in load_runs(d)] for d in dirs}
     empty = [label for label, summaries in runs.items() if not summaries]
     if empty:
@@ -56,9 +57,29 @@ def _summaries(dirs: list[Path]) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
-def plot_latency(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+def _plain(value: float, _: object = None) -> str:
+    # 0.5, 20, 1500: what a reader compares with an SLO, not 2×10¹.
+    return f"{value:g}" if value < 1e5 else f"{value:.0e}"
+
+
+def _log_axis(ax: Axes) -> None:
+    """A log y axis ticked at 1, 2, 5 × 10^k with plain labels, no unlabelled minor clutter."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+    ax.yaxis.set_major_formatter(FuncFormatter(_plain))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _slo(runs: dict[str, list[dict[str, Any]]], key: str) -> float | None:
+    # The SLO line is drawn only when every run was measured against the same one.
+    values = {s.get(key) for ss in runs.values() for s in ss}
+    return next(iter(values)) if len(values) == 1 and None not in values else None
+
+
+def latency_figure(runs: dict[str, list[dict[str, Any]]]) -> Figure:
     """TTFT and TPOT, p50 (solid) and p99 (dashed), against achieved output tokens/s."""
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    fig = Figure(figsize=(11, 4.8), layout="constrained")
+    fig.suptitle("Latency against achieved throughput")
     for ax, metric in zip(fig.subplots(1, 2), ("ttft", "tpot"), strict=True):
         for i, (label, summaries) in enumerate(runs.items()):
             x = _series(summaries, "output_throughput")
@@ -66,23 +87,23 @@ def plot_latency(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
                 y = _series(summaries, f"{metric}_{pct}_ms")
                 name = "p50" if pct == "median" else pct
                 ax.plot(x, y, style, color=f"C{i}", label=f"{label} {name}")
-        ax.set_yscale("log")
-        # Plain numbers (60, not 6×10¹); minor ticks are labelled only on short ranges.
-        ax.yaxis.set_major_formatter(LogFormatter())
-        ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(1, 0.5)))
+        if (slo := _slo(runs, f"slo_{metric}_ms")) is not None:
+            ax.axhline(slo, color="0.3", linestyle=":", label=f"SLO {slo:g} ms")
+        _log_axis(ax)
+        ax.set_title(f"{metric.upper()} (p50 solid, p99 dashed)")
         ax.set_xlabel("achieved output throughput (tok/s)")
-        ax.set_ylabel(f"{metric.upper()} (ms)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
+        ax.set_ylabel(f"{metric.upper()} (ms, log)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    return fig
 
 
-def plot_goodput(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+def goodput_figure(runs: dict[str, list[dict[str, Any]]]) -> Figure:
     """SLO goodput (solid) and quality-adjusted goodput (dotted) against request rate."""
     where = _positions([float(s["request_rate"]) for ss in runs.values() for s in ss])
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    fig = Figure(figsize=(6.5, 4.8), layout="constrained")
     ax = fig.subplots()
+    ax.set_title("SLO goodput against request rate")
     for i, (label, summaries) in enumerate(runs.items()):
         x = [where[float(s["request_rate"])] for s in summaries]
         ax.plot(x, _series(summaries, "goodput"), "o-", color=f"C{i}", label=label)
@@ -94,20 +115,23 @@ def plot_goodput(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
                 color=f"C{i}",
                 label=f"{label} (quality-adjusted)",
             )
+    finite = sorted(r for r in where if math.isfinite(r))
+    if finite:  # goodput equal to the offered rate: every request within the SLO
+        ax.plot(finite, finite, color="0.6", linestyle=":", label="offered rate")
     _rate_axis(ax, where)
     ax.set_ylabel("goodput (req/s within SLO)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
+    ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    return fig
 
 
-def plot_shape_mix(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+def shape_mix_figure(runs: dict[str, list[dict[str, Any]]]) -> Figure:
     """Per directory, stacked bars of the served-token fraction per shape at each rate."""
     served = {shape for ss in runs.values() for s in ss for shape in s["shape_mix"]}
     shapes = sorted(served, key=_shape_order)
     color = {shape: f"C{i % 10}" for i, shape in enumerate(shapes)}
-    fig = Figure(figsize=(4.5 * len(runs) + 1.5, 4.5), layout="constrained")
+    fig = Figure(figsize=(4.5 * len(runs) + 1.5, 4.8), layout="constrained")
+    fig.suptitle("Served-shape mix by request rate")
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
     for ax, (label, summaries) in zip(axes, runs.items(), strict=True):
         x = list(range(len(summaries)))
@@ -123,16 +147,20 @@ def plot_shape_mix(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         ax.set_title(label)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside right upper", fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
+    return fig
 
 
 def plot_runs(dirs: list[Path], out: Path) -> list[Path]:
     """Write latency_throughput.png, goodput.png and shape_mix.png for `dirs` into `out`."""
-    runs = _summaries(dirs)
+    runs = summaries_by_label(dirs)
     out.mkdir(parents=True, exist_ok=True)
-    return [
-        plot_latency(runs, out / "latency_throughput.png"),
-        plot_goodput(runs, out / "goodput.png"),
-        plot_shape_mix(runs, out / "shape_mix.png"),
-    ]
+    figures = {
+        "latency_throughput": latency_figure(runs),
+        "goodput": goodput_figure(runs),
+        "shape_mix": shape_mix_figure(runs),
+    }
+    paths = []
+    for name, fig in figures.items():
+        fig.savefig(out / f"{name}.png", dpi=120)
+        paths.append(out / f"{name}.png")
+    return paths

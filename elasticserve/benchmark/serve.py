@@ -37,7 +37,7 @@ class BenchConfig:
     base_url: str
     model: str
     endpoint: str = "completions"  # or "chat"
-    dataset: str = "austen"
+    dataset: str = "random"  # or "austen", "sharegpt" (datasets.py)
     data: str | None = None
     input_len: int = 128
     output_len: int = 128
@@ -50,6 +50,10 @@ class BenchConfig:
     seed: int = 0
     timeout: float = 300.0  # seconds per request, connect to last chunk
     ignore_eos: bool = True
+    api_key: str | None = None  # sent as `Authorization: Bearer <key>`
+    # Fields added to every request body, e.g. a logit_bias that bans EOS where ignore_eos is not
+    # understood: equal output lengths for every server.
+    extra_body: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,7 +139,15 @@ def request_body(cfg: BenchConfig, prompt: str) -> dict[str, Any]:
         body["prompt"] = prompt
     if cfg.ignore_eos:
         body["ignore_eos"] = True
-    return body
+    return body | cfg.extra_body
+
+
+def client_for(cfg: BenchConfig, connections: int) -> httpx.AsyncClient:
+    """The HTTP client of a run: `connections` kept open, the API key in every request's header."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    # trust_env=False: a proxy from the environment would sit inside every measured latency.
+    return httpx.AsyncClient(limits=limits, headers=headers, timeout=cfg.timeout, trust_env=False)
 
 
 def _chunk_text(chunk: dict[str, Any]) -> str:
@@ -252,11 +264,8 @@ async def run_benchmark(
 ) -> tuple[list[RequestResult], float, dict[str, float]]:
     """Send `prompts` on the arrival schedule; returns records, duration (s) and shape ppl."""
     offsets = arrival_offsets(len(prompts), cfg.request_rate, cfg.burstiness, cfg.seed)
-    width = cfg.max_concurrency or len(prompts)
-    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
     gate = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    # trust_env=False: a proxy from the environment would sit inside every measured latency.
-    async with httpx.AsyncClient(limits=limits, timeout=cfg.timeout, trust_env=False) as client:
+    async with client_for(cfg, cfg.max_concurrency or len(prompts)) as client:
         shape_ppl = await fetch_shape_ppl(client, cfg.base_url)
         bar = tqdm(total=len(prompts), desc=f"rate {cfg.request_rate:g}", disable=not progress)
         t0 = time.perf_counter()
@@ -312,6 +321,19 @@ def served_ppl(mix: dict[str, float], shape_ppl: dict[str, float]) -> float | No
     return math.exp(sum(f * math.log(shape_ppl[s]) for s, f in mix.items()))
 
 
+def output_lengths(results: list[RequestResult], asked: int) -> dict[str, int | None]:
+    """Min, median and max output tokens of the completed requests; how many stopped short."""
+    counts = sorted(r.output_tokens for r in results if r.ok)
+    if not counts:
+        return {"out_min": None, "out_median": None, "out_max": None, "short_outputs": 0}
+    return {
+        "out_min": counts[0],
+        "out_median": counts[len(counts) // 2],
+        "out_max": counts[-1],
+        "short_outputs": sum(n < asked for n in counts),  # EOS before max_tokens
+    }
+
+
 def summarize(
     cfg: BenchConfig, results: list[RequestResult], duration: float, shape_ppl: dict[str, float]
 ) -> dict[str, Any]:
@@ -335,6 +357,7 @@ def summarize(
         "total_output_tokens": out_tokens,
         "request_throughput": round(len(done) / duration, 4) if duration > 0 else 0.0,
         "output_throughput": round(out_tokens / duration, 3) if duration > 0 else 0.0,
+        **output_lengths(done, cfg.output_len),
     }
     samples = {
         "ttft": [r.ttft for r in done if r.ttft is not None],
@@ -376,7 +399,7 @@ def save_run(
 ) -> Path:
     """Write config + summary + per-request records as one JSON file in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    config = asdict(cfg) | {"request_rate": _rate_json(cfg.request_rate)}
+    config = asdict(cfg) | {"request_rate": _rate_json(cfg.request_rate), "api_key": None}
     payload = {"config": config, "summary": summary, "requests": [r.to_json() for r in results]}
     path = out / run_filename(cfg.request_rate)
     tmp = path.with_suffix(".json.tmp")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         timeout=args.timeout,
         ignore_eos=not args.no_ignore_eos,
+        api_key=args.api_key,
     )
 
 
@@ -128,8 +130,19 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="model name sent with every request")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    p.add_argument("--dataset", choices=["austen", "random"], default="austen")
-    p.add_argument("--data", default=None, help="text file or dir for austen")
+    p.add_argument(
+        "--dataset",
+        choices=["random", "austen", "sharegpt"],
+        default="random",
+        help="random common words (default); austen: passages of --data (text file or dir); "
+        "sharegpt: the prompts of --data (ShareGPT-like .json or .jsonl)",
+    )
+    p.add_argument("--data", default=None, help="the file or directory --dataset reads")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="sent as a Bearer token (default: $OPENAI_API_KEY)",
+    )
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (approximate)")
     p.add_argument("--output-len", type=int, default=128, help="max_tokens of every request")
     p.add_argument("--num-prompts", type=int, default=100)

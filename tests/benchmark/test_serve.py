@@ -7,6 +7,7 @@ import asyncio
 import csv
 import json
 import math
+import re
 import socket
 import sys
 import threading
@@ -31,6 +32,12 @@ from elasticserve.benchmark.local import (
     probe_capacity,
     running_server,
     search_slo_capacity,
+)
+from elasticserve.benchmark.plot import (
+    goodput_figure,
+    latency_figure,
+    shape_mix_figure,
+    summaries_by_label,
 )
 from elasticserve.benchmark.serve import (
     BenchConfig,
@@ -62,7 +69,9 @@ class Fake:
     shapes: tuple[str, ...] = (FULL, FULL, FULL, HALF)  # chunk i is served by shapes[i % 4]
     tokens_per_chunk: int = 1
     fail: Callable[[int], str | None] = lambda index: None  # "500", "drop" or None
+    hang: Callable[[str], bool] = lambda prompt: False  # True: no first chunk for a minute
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    auth: list[str | None] = field(default_factory=list)  # each request's Authorization header
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -73,7 +82,7 @@ async def _events(fake: Fake, body: dict[str, Any], chat: bool, drop: bool) -> A
     n, k = body["max_tokens"], fake.tokens_per_chunk
     if chat:  # OpenAI opens a chat stream with an empty, role-only delta
         yield _sse({"model": "fake", "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
-    await asyncio.sleep(fake.first_delay)
+    await asyncio.sleep(60.0 if fake.hang(body.get("prompt", "")) else fake.first_delay)
     for chunk, i in enumerate(range(0, n, k)):
         if drop and chunk == 2:
             raise ConnectionResetError("the fake server drops the connection mid-stream")
@@ -101,6 +110,7 @@ def fake_app(fake: Fake) -> FastAPI:
     async def stream(request: Request, chat: bool) -> Any:
         body = await request.json()
         fake.bodies.append(body)
+        fake.auth.append(request.headers.get("authorization"))
         mode = fake.fail(len(fake.bodies) - 1)
         if mode == "500":
             return JSONResponse({"error": {"message": "fake overload"}}, status_code=500)
@@ -297,6 +307,65 @@ def test_sweep_against_fake_server_writes_results_and_plots(tmp_path: Path) -> N
     for name in ("latency_throughput", "goodput", "shape_mix"):
         png = (tmp_path / "plots" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_api_key_is_sent_with_every_request_and_never_saved(tmp_path: Path) -> None:
+    fake = Fake()
+    with serving(fake) as url:
+        bench(*serve_args(url, tmp_path, "--api-key", "sk-secret", "--request-rate", "inf"))
+    assert fake.auth == ["Bearer sk-secret"] * 6
+    assert "sk-secret" not in (tmp_path / "rate-inf.json").read_text()
+
+
+def test_sharegpt_and_jsonl_files_give_their_prompts(tmp_path: Path) -> None:
+    share = [
+        {"conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}]},
+        {"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "Q2"}]},
+        {"conversations": []},  # no human turn: skipped
+    ]
+    (tmp_path / "share.json").write_text(json.dumps(share))
+    lines = [{"prompt": "P1"}, {"messages": [{"role": "user", "content": "P2"}]}, {"text": "P3"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert sorted(prompt_bodies("sharegpt", tmp_path / "share.json", 2, 128, 0)) == ["Q1", "Q2"]
+    assert sorted(prompt_bodies("sharegpt", tmp_path / "p.jsonl", 3, 128, 0)) == ["P1", "P2", "P3"]
+    more = prompt_bodies("sharegpt", tmp_path / "p.jsonl", 7, 128, 0)  # past the file: reused
+    assert len(more) == 7 and set(more) <= {"P1", "P2", "P3"}
+    (tmp_path / "bad.jsonl").write_text('{"reply": "no prompt"}\n')
+    with pytest.raises(ValueError, match="no record has a prompt"):
+        prompt_bodies("sharegpt", tmp_path / "bad.jsonl", 1, 128, 0)
+    with pytest.raises(FileNotFoundError, match="needs --data"):
+        prompt_bodies("sharegpt", None, 1, 128, 0)
+
+    fake = Fake()
+    with serving(fake) as url:
+        args = serve_args(url, tmp_path / "out", "--request-rate", "inf")
+        args[args.index("random")] = "sharegpt"
+        bench(*args, "--data", str(tmp_path / "share.json"))
+    assert {b["prompt"].split(" ", 1)[1] for b in fake.bodies} == {"Q1", "Q2"}
+
+
+def test_plots_have_titles_plain_log_ticks_the_slo_and_legends_inside(tmp_path: Path) -> None:
+    out = tmp_path / "fake"
+    with serving(Fake()) as url:
+        bench(*serve_args(url, out, "--sweep", "40,inf", "--slo-tpot-ms", "50"))
+    runs = summaries_by_label([out])
+    fig = latency_figure(runs)
+    fig.canvas.draw()  # lays the figure out: tick labels and legend positions are final
+    ttft_ax, tpot_ax = fig.axes
+    assert fig.get_suptitle() and ttft_ax.get_title().startswith("TTFT")
+    labels = [t.get_text() for t in tpot_ax.get_yticklabels() if t.get_text()]
+    assert labels and all(re.fullmatch(r"[0-9.]+", text) for text in labels)  # 20, not 2×10¹
+    assert any(line.get_label() == "SLO 50 ms" for line in tpot_ax.get_lines())
+    assert not any(line.get_label().startswith("SLO") for line in ttft_ax.get_lines())  # unset
+    for f in (fig, goodput_figure(runs), shape_mix_figure(runs)):
+        f.canvas.draw()
+        legends = [ax.get_legend() for ax in f.axes if ax.get_legend()] + f.legends
+        assert legends
+        for legend in legends:
+            extent = legend.get_window_extent()
+            box = f.bbox
+            assert box.x0 <= extent.x0 and extent.x1 <= box.x1  # not clipped at the edge
+            assert box.y0 <= extent.y0 and extent.y1 <= box.y1
 
 
 def test_token_counts_prefer_usage_over_chunks() -> None:
