@@ -22,7 +22,7 @@ from .async_engine import (
     RequestStream,
     collect_final,
 )
-from .errors import APIError
+from .errors import APIError, error_responses
 from .formats import ChatFormat, CompletionFormat, Format, sse
 from .protocol import (
     ChatCompletionRequest,
@@ -36,18 +36,7 @@ from .protocol import (
 from .state import ServerState
 
 SHAPE_HEADER = "x-elasticserve-shape"
-# What the OpenAPI schema lists besides the 200 (every error in OpenAI's format).
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": what}
-    for status, what in [
-        (400, "an invalid request; `param` names the field"),
-        (401, "a missing or wrong API key"),
-        (404, "an unknown model"),
-        (413, "a request body over the server's limit"),
-        (429, "overloaded: retry after the Retry-After header's seconds"),
-        (503, "the engine is not running or the server is shutting down"),
-    ]
-}
+ERROR_RESPONSES = error_responses(400, 401, 404, 413, 429, 503)
 
 
 def _engine_error_param(message: str, prompt_param: str) -> str | None:

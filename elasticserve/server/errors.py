@@ -40,6 +40,21 @@ class APIError(Exception):
         self.param, self.code, self.headers = param, code, headers
 
 
+_STATUSES = {
+    400: "an invalid request; `param` names the field",
+    401: "a missing or wrong API key",
+    404: "an unknown model",
+    413: "a request body over the server's limit",
+    429: "overloaded: retry after the Retry-After header's seconds",
+    503: "the engine is not running or the server is shutting down",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route that can answer these errors (OpenAI's format)."""
+    return {s: {"model": ErrorResponse, "description": _STATUSES[s]} for s in statuses}
+
+
 class _AsciiJSONResponse(JSONResponse):
     """JSON with non-ASCII escaped: a message may quote a lone surrogate, which UTF-8 cannot."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from .errors import APIError
+from .errors import APIError, error_responses
 from .protocol import (
     ModelCard,
     ModelList,
@@ -53,18 +53,20 @@ def router(server: ServerState) -> APIRouter:
     """The model and shape listings of `server`."""
     routes = APIRouter()
 
-    @routes.get("/v1/models", response_model=ModelList)
+    @routes.get("/v1/models", response_model=ModelList, responses=error_responses(401))
     async def list_models() -> ModelList:
         return _model_cards(server)
 
-    @routes.get("/v1/models/{model:path}", response_model=ModelCard)
+    @routes.get(
+        "/v1/models/{model:path}", response_model=ModelCard, responses=error_responses(401, 404)
+    )
     async def retrieve_model(model: str) -> ModelCard:
         for card in _model_cards(server).data:
             if card.id == model:
                 return card
         raise APIError(404, f"The model `{model}` does not exist", code="model_not_found")
 
-    @routes.get("/v1/shapes", response_model=ShapeList)
+    @routes.get("/v1/shapes", response_model=ShapeList, responses=error_responses(401))
     async def list_shapes() -> ShapeList:
         return _shape_cards(server)
 

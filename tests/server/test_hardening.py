@@ -271,6 +271,7 @@ def test_openapi_documents_the_errors_and_the_limits(live: Live):
     for path in (COMPLETIONS_URL, CHAT_URL):
         responses = schema["paths"][path]["post"]["responses"]
         assert {"200", "400", "401", "413", "429", "503"} <= responses.keys()
+    assert {"200", "401", "404"} <= schema["paths"]["/v1/models/{model}"]["get"]["responses"].keys()
     props = schema["components"]["schemas"]["CompletionRequest"]["properties"]
     temperature = next(t for t in props["temperature"]["anyOf"] if t.get("type") == "number")
     assert temperature["minimum"] == 0
