@@ -24,13 +24,16 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from elasticserve.model.device import cpu_model
+from elasticserve.kernels.cpu import load
+from elasticserve.model.device import cpu_flags, cpu_model
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64  # SmolLM2-135M
+QKV = HIDDEN + 2 * KV_HEADS * HEAD_DIM
 COPIES = 30
 BLOCK = 16  # the engine's default KV block size
 
@@ -203,36 +206,71 @@ def decoder_gemms(
     return run
 
 
-def packed_rows() -> list[dict]:
-    """One decoder's bf16 GEMMs (v/k/q, o, gate, up, down of 30 layers) per decode step: the
-    model's plain row-major weights, whose every width is a prefix view, against the same
-    weights reordered once into oneDNN's blocked layout for the batch size (what vLLM-CPU
-    serves from), which no prefix of a width can be taken of."""
-    dtype = torch.bfloat16
-    shapes = [(HIDDEN + 2 * KV_HEADS * HEAD_DIM, HIDDEN), (HIDDEN, HIDDEN)]
-    shapes += [(INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
-    layers = [[torch.randn(n, k, dtype=dtype) * 0.02 for n, k in shapes] for _ in range(COPIES)]
-    nbytes = sum(w.numel() * w.itemsize for layer in layers for w in layer)
-    rows = []
-    for batch in (1, 8, 32):
-        xs = {k: torch.randn(batch, k, dtype=dtype) for k in (HIDDEN, INTER)}
-        packed = [
-            [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in layer] for layer in layers
-        ]
+def native_gemms(
+    ext: ModuleType, xs: dict[int, torch.Tensor], layers: list[list[torch.Tensor]]
+) -> Callable[[], None]:
+    """The same GEMMs in the native band linear, each flavour as the model runs it (o and down
+    input-prefix), at full width: fp32 activations, weights as stored."""
+    ys = {n: torch.empty(next(iter(xs.values())).shape[0], n) for n in (HIDDEN, INTER, QKV)}
+    batch = next(iter(xs.values())).shape[0]
+    bands = {w: torch.tensor([(batch, w)], dtype=torch.int32) for w in (HIDDEN, INTER, QKV)}
 
-        base = best_us(decoder_gemms(xs, layers), 10) / 1e3
-        alt = best_us(decoder_gemms(xs, layers, packed), 10) / 1e3
-        rows.append(
-            {
-                "op": "decoder GEMMs, bf16, 30 layers",
-                "batch": batch,
-                "plain_ms": round(base, 2),
-                "plain_gb_s": round(nbytes / base / 1e6, 1),
-                "onednn_packed_ms": round(alt, 2),
-                "onednn_packed_gb_s": round(nbytes / alt / 1e6, 1),
-                "packed_speedup": round(base / alt, 2),
-            }
-        )
+    def run() -> None:
+        for layer in layers:
+            for j, w in enumerate(layer):
+                n, k = w.shape
+                if j in (1, 4):  # o, down: input prefix over K
+                    ext.linear(w, xs[k], bands[k], 1, ys[n])
+                else:
+                    ext.linear(w, xs[k], bands[n], 0, ys[n])
+
+    return run
+
+
+def packed_rows(ext: ModuleType | None, repeats: int) -> list[dict]:
+    """One decoder's GEMMs (v/k/q, o, gate, up, down of 30 layers) per decode step: the model's
+    plain row-major weights, whose every width is a prefix view, against the same weights
+    reordered once into oneDNN's blocked layout for the batch size (what vLLM-CPU serves from,
+    no prefix of a width can be taken of it), in bf16 and in fp32 (the faster of the two for
+    oneDNN on a CPU without native bf16), and the native band linears on the bf16 weights."""
+    shapes = [(QKV, HIDDEN), (HIDDEN, HIDDEN)]
+    shapes += [(INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
+    bf16 = [
+        [torch.randn(n, k, dtype=torch.bfloat16) * 0.02 for n, k in shapes] for _ in range(COPIES)
+    ]
+    fp32 = [[w.float() for w in layer] for layer in bf16]
+    nbytes = sum(w.numel() * w.itemsize for layer in bf16 for w in layer)
+    rows = []
+    for batch in (1, 2, 4, 8, 16, 32):
+        row: dict = {"op": "decoder GEMMs, 30 layers", "batch": batch, "bf16_bytes": nbytes}
+        runs: dict[str, Callable[[], None]] = {}
+        for name, layers in (("bf16", bf16), ("fp32", fp32)):
+            xs = {k: torch.randn(batch, k, dtype=layers[0][0].dtype) for k in (HIDDEN, INTER)}
+            runs[f"plain_{name}"] = decoder_gemms(xs, layers)
+            try:
+                packed = [
+                    [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in layer]
+                    for layer in layers
+                ]
+            except RuntimeError as exc:  # oneDNN's bf16 packing needs AVX-512 or AVX-NE-CONVERT
+                row[f"onednn_packed_{name}"] = f"unavailable: {str(exc).splitlines()[0]}"
+                continue
+            runs[f"onednn_packed_{name}"] = decoder_gemms(xs, layers, packed)
+        if ext is not None:
+            xs32 = {k: torch.randn(batch, k) for k in (HIDDEN, INTER)}
+            runs["native_bf16"] = native_gemms(ext, xs32, bf16)
+            runs["native_fp32"] = native_gemms(ext, xs32, fp32)
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(repeats):  # interleaved rounds: a slow spell hits every variant alike
+            for name, fn in runs.items():
+                best[name] = min(best[name], best_us(fn, 5, repeats=1) / 1e3)
+        for name, ms in best.items():
+            row[f"{name}_ms"] = round(ms, 2)
+            row[f"{name}_gb_s"] = round(nbytes * (2 if "fp32" in name else 1) / ms / 1e6, 1)
+        if ext is not None:
+            fastest = min(best[k] for k in best if k.startswith("onednn"))
+            row["native_bf16_vs_best_packed"] = round(fastest / best["native_bf16"], 2)
+        rows.append(row)
     return rows
 
 
@@ -240,9 +278,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="bench/results/bench_cpu_ops.json")
+    parser.add_argument("--only-gemms", action="store_true", help="just the decoder GEMMs (4.)")
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{cpu_model()}, {args.threads} threads")
+    if args.only_gemms:
+        return print_gemms(args)
     linears = input_prefix_rows(torch.bfloat16) + input_prefix_rows(torch.float32)
     for r in linears:
         print(
@@ -266,14 +308,14 @@ def main() -> None:
             f" fp32 cache, block gather, no copy {r['fp32_cache_us']:6.1f} us"
             f" (x{r['speedup_fp32_cache']:.2f})"
         )
-    packed = packed_rows() if torch.backends.mkldnn.is_available() else []
-    for r in packed:
-        print(
-            f"{r['op']} B={r['batch']:>2}: plain prefix-sliceable {r['plain_ms']:.2f} ms "
-            f"({r['plain_gb_s']} GB/s), oneDNN-packed {r['onednn_packed_ms']:.2f} ms "
-            f"({r['onednn_packed_gb_s']} GB/s)  x{r['packed_speedup']:.2f}"
-        )
-    meta = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__}
+    packed = packed_rows(load(), args.repeats) if torch.backends.mkldnn.is_available() else []
+    _print_packed(packed)
+    meta = {
+        "cpu": cpu_model(),
+        "flags": _flags(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+    }
     out = {
         "meta": meta,
         "input_prefix": linears,
@@ -284,6 +326,30 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
+
+
+def _flags() -> list[str]:
+    return sorted(cpu_flags() & {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16"})
+
+
+def _print_packed(packed: list[dict]) -> None:
+    for r in packed:
+        cells = [
+            f"{k[:-3]} {r[k]:.2f} ms ({r[k[:-3] + '_gb_s']} GB/s)" for k in r if k.endswith("_ms")
+        ]
+        print(f"{r['op']} B={r['batch']:>2}: " + ", ".join(cells))
+        if "native_bf16_vs_best_packed" in r:
+            print(f"    native bf16 vs the best oneDNN-packed: x{r['native_bf16_vs_best_packed']}")
+
+
+def print_gemms(args: argparse.Namespace) -> None:
+    """Section 4 alone, written to its own JSON beside the full run's."""
+    packed = packed_rows(load(), args.repeats)
+    _print_packed(packed)
+    meta = {"cpu": cpu_model(), "flags": _flags(), "threads": args.threads}
+    out = Path(args.out).with_name("bench_cpu_gemms.json")
+    out.write_text(json.dumps({"meta": meta, "packed": packed}, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -7,14 +7,19 @@ decode reads every kept weight once per token, so `bytes per token / measured ba
 floor; the table gives each shape's fraction of that limit and its speed-up against what its
 bytes predict.
 
-    python bench/bench_decode.py [--dtypes float32,bfloat16] [--batches 1,8] [--quick]
+    python bench/bench_decode.py [--dtypes float32,bfloat16] [--kernels native,torch]
+                                 [--batches 1,8] [--quick]
+
+Each dtype runs on both CPU paths (the native kernels and torch ops) in the same rounds; a batch
+at least as large as the picked shapes also runs mixed (one shape per row, round robin), reported
+as its time against the widest shape's batch. The read bandwidth is the best of probes taken
+before and after every batch size, torch's reduction and the native one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,20 +29,28 @@ from transformers import AutoModelForCausalLM
 
 from elasticserve import LLM, SamplingParams
 from elasticserve.model.bundle import ModelBundle
-from elasticserve.model.device import cpu_flags
+from elasticserve.model.device import cpu_flags, cpu_model
 from elasticserve.model.shapes import ShapeSpec
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "austen"
 
 
 def measure_bandwidth(mib: int = 512, reps: int = 5) -> float:
-    """Read bandwidth (bytes/s) of a large fp32 reduction: what streaming weights can reach."""
+    """Read bandwidth (bytes/s): the best of a torch reduction and the native read probe (the
+    kernels' own loads, where they build), over a buffer far larger than the caches."""
+    from elasticserve.kernels.cpu import load
+
+    ext = load()
     x = torch.ones(mib * 2**18)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t)
+        if ext is not None:
+            t = time.perf_counter()
+            ext.read(x, torch.get_num_threads())
+            best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best
 
 
@@ -45,6 +58,10 @@ def bytes_per_token(bundle: ModelBundle, spec: ShapeSpec) -> int:
     """Weight bytes one decode step reads: kept layers' linears + norms + the LM head."""
     cfg = bundle.config
     elem = torch.finfo(bundle.model.dtype).bits // 8
+    if bundle.native is not None:  # the native path keeps its norms in fp32
+        layers = sum(cfg.layer_params(spec.heads[i], spec.mlp[i]) for i in spec.layers)
+        norms = (2 * len(spec.layers) + 1) * cfg.hidden_size
+        return (layers + cfg.vocab_size * cfg.hidden_size) * elem + norms * 4
     layers = sum(cfg.layer_params(spec.heads[i], spec.mlp[i]) for i in spec.layers)
     norms = (2 * len(spec.layers) + 1) * cfg.hidden_size
     return (layers + norms + cfg.vocab_size * cfg.hidden_size) * elem
@@ -57,8 +74,11 @@ def prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
     return [ids[i * length : (i + 1) * length] for i in range(batch)]
 
 
-def decode_seconds(runs: dict[str, Callable[[int], object]], new: int, repeats: int) -> dict:
-    """Per run, the best of `repeats` (time of 1 + new tokens) - (time of 1 token): decode alone.
+def decode_seconds(
+    runs: dict[str, Callable[[int], object]], new: int, repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per run, the best of `repeats` (time of 1 + new tokens) - (time of 1 token), decode
+    alone, and the best time of 1 token (the prompt's prefill and one step).
 
     The rounds interleave the runs, so a slow spell of a shared machine hits them all alike, and
     the minimum is kept, because interference only ever adds time.
@@ -72,13 +92,16 @@ def decode_seconds(runs: dict[str, Callable[[int], object]], new: int, repeats: 
     for run in runs.values():
         run(2)  # warm-up
     best = dict.fromkeys(runs, float("inf"))
+    first = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
         for name, run in runs.items():
-            best[name] = min(best[name], timed(run, 1 + new) - timed(run, 1))
-    return best
+            one = timed(run, 1)
+            best[name] = min(best[name], timed(run, 1 + new) - one)
+            first[name] = min(first[name], one)
+    return best, first
 
 
-def ours(llm: LLM, batch: list[list[int]], shape: str) -> Callable[[int], object]:
+def ours(llm: LLM, batch: list[list[int]], shape: str | list[str]) -> Callable[[int], object]:
     def run(n: int) -> object:
         return llm.generate(
             batch, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), shape=shape
@@ -120,6 +143,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--pack", default=None)
     parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--kernels", default="native,torch", help="CPU paths to compare")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -131,58 +155,92 @@ def main() -> None:
     if args.quick:
         args.dtypes, args.batches, args.new_tokens = "float32", "1", 16
     torch.set_num_threads(args.threads)
-    bandwidth = measure_bandwidth()
-    print(f"threads {args.threads}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
     results = []
+    bandwidths = [measure_bandwidth()]
     for dtype in args.dtypes.split(","):
-        llm = LLM(args.model, args.pack, dtype=dtype)
-        hf = AutoModelForCausalLM.from_pretrained(llm.model_dir, dtype=llm.bundle.model.dtype)
-        shapes = pick_shapes(llm)
-        full_bytes = bytes_per_token(llm.bundle, shapes[0])
+        llms = {
+            k: LLM(args.model, args.pack, dtype=dtype, cpu_kernels=k)
+            for k in args.kernels.split(",")
+        }
+        first = next(iter(llms.values()))
+        hf = AutoModelForCausalLM.from_pretrained(first.model_dir, dtype=first.bundle.model.dtype)
+        shapes = pick_shapes(first)
+        mixed = [
+            shapes[i % len(shapes)].name for i in range(max(map(int, args.batches.split(","))))
+        ]
         for b in map(int, args.batches.split(",")):
-            batch = prompts(llm.tokenizer, b, args.prompt_len)
+            batch = prompts(first.tokenizer, b, args.prompt_len)
             runs = {"HF": hf_generate(hf, batch)}
-            runs.update({spec.name: ours(llm, batch, spec.name) for spec in shapes})
-            seconds = decode_seconds(runs, args.new_tokens, args.repeats)
-            hf_tps = b * args.new_tokens / seconds["HF"]
-            full_tps = b * args.new_tokens / seconds[shapes[0].name]
-            for spec in shapes:
-                tps = b * args.new_tokens / seconds[spec.name]
-                nbytes = bytes_per_token(llm.bundle, spec)
-                row = {
-                    "dtype": dtype,
-                    "batch": b,
-                    "shape": spec.name,
-                    "weight_fraction": round(spec.weight_fraction, 4),
-                    "bytes_per_token": nbytes,
-                    "tok_s": round(tps, 2),
-                    "hf_tok_s": round(hf_tps, 2),
-                    "vs_hf": round(tps / hf_tps, 3),
-                    "limit_fraction": round(tps / b * nbytes / bandwidth, 3) if b == 1 else None,
-                    "speedup": round(tps / full_tps, 3),
-                    "bytes_speedup": round(full_bytes / nbytes, 3),
-                }
-                row["speedup_vs_bytes"] = round(row["speedup"] / row["bytes_speedup"], 3)
-                results.append(row)
-                print(
-                    f"{dtype:>9} B={b} {spec.name:<11} {row['weight_fraction']:>6.1%} "
-                    f"{tps:7.1f} tok/s  HF {hf_tps:6.1f}  x{row['vs_hf']:.2f} vs HF  "
-                    f"speed-up {row['speedup']:.2f} (bytes predict {row['bytes_speedup']:.2f}, "
-                    f"{row['speedup_vs_bytes']:.0%})"
-                    + (f"  {row['limit_fraction']:.0%} of the byte limit" if b == 1 else "")
+            for kernels, llm in llms.items():
+                runs.update(
+                    {f"{kernels} {spec.name}": ours(llm, batch, spec.name) for spec in shapes}
                 )
-        del llm, hf
+                if b >= len(shapes):  # a mixed batch: one of each picked shape, round robin
+                    runs[f"{kernels} mixed"] = ours(llm, batch, mixed[:b])
+            seconds, prefill = decode_seconds(runs, args.new_tokens, args.repeats)
+            bandwidths.append(measure_bandwidth())
+            bandwidth = max(bandwidths)
+            hf_tps = b * args.new_tokens / seconds["HF"]
+            for kernels, llm in llms.items():
+                full = shapes[0].name
+                full_tps = b * args.new_tokens / seconds[f"{kernels} {full}"]
+                full_bytes = bytes_per_token(llm.bundle, shapes[0])
+                names = [s.name for s in shapes] + (["mixed"] if b >= len(shapes) else [])
+                for name in names:
+                    tps = b * args.new_tokens / seconds[f"{kernels} {name}"]
+                    spec = llm.bundle.spec(name) if name != "mixed" else shapes[0]
+                    nbytes = bytes_per_token(llm.bundle, spec)
+                    row = {
+                        "dtype": dtype,
+                        "kernels": kernels,
+                        "batch": b,
+                        "shape": name,
+                        "weight_fraction": round(spec.weight_fraction, 4),
+                        "bytes_per_token": nbytes,
+                        "tok_s": round(tps, 2),
+                        "hf_tok_s": round(hf_tps, 2),
+                        "vs_hf": round(tps / hf_tps, 3),
+                        "limit_fraction": (
+                            round(tps / b * nbytes / bandwidth, 3) if b == 1 else None
+                        ),
+                        "speedup": round(tps / full_tps, 3),
+                        "prefill_ms": round(prefill[f"{kernels} {name}"] * 1e3, 1),
+                        "hf_prefill_ms": round(prefill["HF"] * 1e3, 1),
+                        "bytes_speedup": round(full_bytes / nbytes, 3),
+                    }
+                    row["speedup_vs_bytes"] = round(row["speedup"] / row["bytes_speedup"], 3)
+                    results.append(row)
+                    what = (
+                        "mixed vs widest"
+                        if name == "mixed"
+                        else f"speed-up {row['speedup']:.2f} (bytes predict "
+                        f"{row['bytes_speedup']:.2f}, {row['speedup_vs_bytes']:.0%})"
+                    )
+                    print(
+                        f"{dtype:>9} {kernels:>6} B={b} {name:<11} {row['weight_fraction']:>6.1%} "
+                        f"{tps:7.1f} tok/s  HF {hf_tps:6.1f}  x{row['vs_hf']:.2f} vs HF  "
+                        + (
+                            f"{1 / row['speedup']:.2f}x the widest's time"
+                            if name == "mixed"
+                            else what
+                        )
+                        + (f"  {row['limit_fraction']:.0%} of the byte limit" if b == 1 else "")
+                        + f"  prefill+1 {row['prefill_ms']:.0f} ms (HF {row['hf_prefill_ms']:.0f})"
+                    )
+        del llms, first, hf
     meta = {
-        "machine": platform.processor() or platform.machine(),
-        "cpu_flags_bf16": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "avx2", "avx512f"}),
+        "machine": cpu_model(),
+        "cpu_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}),
         "threads": args.threads,
-        "bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "bandwidth_gb_s": round(max(bandwidths) / 1e9, 2),
+        "bandwidth_samples_gb_s": [round(b / 1e9, 2) for b in bandwidths],
         "torch": torch.__version__,
         "args": vars(args),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    best = max(bandwidths) / 1e9
+    print(f"read bandwidth {best:.1f} GB/s (best of {len(bandwidths)} probes); wrote {args.out}")
 
 
 if __name__ == "__main__":

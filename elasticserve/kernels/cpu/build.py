@@ -12,7 +12,7 @@ from types import ModuleType
 SOURCES = ("linear.cpp", "ops.cpp", "forward.cpp", "bindings.cpp")
 HEADERS = ("linear.h", "ops.h", "forward.h")
 CSRC = Path(__file__).parent / "csrc"
-FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-std=c++17")
+FLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()

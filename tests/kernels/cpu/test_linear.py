@@ -11,7 +11,7 @@ ext = load()
 pytestmark = pytest.mark.skipif(ext is None, reason="the native CPU kernels do not build here")
 
 OUT, IN = 0, 1
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5}  # fp32 math either way; bf16 weights exact
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}  # fp32 math; weights exact
 
 
 def reference(w, x, bands, flavour, y, accumulate):
@@ -45,7 +45,7 @@ BANDS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("flavour", [OUT, IN])
 @pytest.mark.parametrize("nk", [(37, 53), (576, 1536), (5, 8), (64, 576)])
 @pytest.mark.parametrize("bands", BANDS.keys())
@@ -95,6 +95,6 @@ def test_bad_bands_are_refused(bands, message):
 
 
 def test_wrong_dtype_is_refused():
-    w, x, y = torch.zeros(16, 8, dtype=torch.float16), torch.zeros(4, 8), torch.zeros(4, 16)
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
+    w, x, y = torch.zeros(16, 8, dtype=torch.int8), torch.zeros(4, 8), torch.zeros(4, 16)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         ext.linear(w, x, torch.tensor([(4, 16)], dtype=torch.int32), OUT, y)

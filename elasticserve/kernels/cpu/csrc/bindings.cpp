@@ -9,6 +9,7 @@
 
 #include "forward.h"
 #include "linear.h"
+#include "ops.h"
 
 namespace {
 
@@ -24,10 +25,13 @@ Mat as_mat(const at::Tensor& t, const std::string& name) {
   require(t.device().is_cpu(), name + ": must be on the CPU");
   require(t.dim() == 2, name + ": must be 2-D");
   require(t.stride(1) == 1, name + ": rows must be contiguous");
-  require(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
-          name + ": must be float32 or bfloat16");
-  return Mat{t.data_ptr(), t.scalar_type() == at::kFloat ? DType::F32 : DType::BF16, t.size(0),
-             t.size(1), t.stride(0)};
+  const auto type = t.scalar_type();
+  require(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf,
+          name + ": must be float32, bfloat16 or float16");
+  const DType dtype = type == at::kFloat      ? DType::F32
+                      : type == at::kBFloat16 ? DType::BF16
+                                              : DType::F16;
+  return Mat{t.data_ptr(), dtype, t.size(0), t.size(1), t.stride(0)};
 }
 
 const float* f32(const at::Tensor& t, int64_t numel, const std::string& name) {
@@ -78,6 +82,15 @@ void linear(const at::Tensor& w, const at::Tensor& x, const at::Tensor& bands, i
   (simd ? es::linear : es::linear_scalar)(m, x.data_ptr<float>(), x.stride(0), b.data(),
                                           int(b.size()), fl, y.data_ptr<float>(), y.stride(0),
                                           accumulate);
+}
+
+// Sum of a float32 tensor on `threads` threads: the read-bandwidth probe of the benchmarks.
+double read_probe(const at::Tensor& x, int64_t threads) {
+  const float* p = f32(x, x.numel(), "x");
+  require(es::cpu_supported(), "this CPU lacks AVX2/FMA/F16C");
+  pybind11::gil_scoped_release release;
+  if (threads > 0) omp_set_num_threads(int(threads));
+  return es::read_sum(p, x.numel());
 }
 
 class NativeModel {
@@ -190,6 +203,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("linear", &linear, "band linear", pybind11::arg("w"), pybind11::arg("x"),
           pybind11::arg("bands"), pybind11::arg("flavour"), pybind11::arg("y"),
           pybind11::arg("accumulate") = false, pybind11::arg("simd") = true,
+          pybind11::arg("threads") = 0);
+  mod.def("read", &read_probe, "sum of a float32 tensor (read-bandwidth probe)", pybind11::arg("x"),
           pybind11::arg("threads") = 0);
   pybind11::class_<NativeModel>(mod, "NativeModel")
       .def(pybind11::init<std::vector<int64_t>, double, std::vector<std::vector<at::Tensor>>,

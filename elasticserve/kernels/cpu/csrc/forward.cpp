@@ -18,8 +18,7 @@ void embed_row(const Mat& e, int64_t token, float* out) {
     std::memcpy(out, static_cast<const float*>(e.data) + token * e.ld, e.cols * sizeof(float));
     return;
   }
-  const uint16_t* src = static_cast<const uint16_t*>(e.data) + token * e.ld;
-  for (int64_t i = 0; i < e.cols; ++i) out[i] = bf16_to_float(src[i]);
+  for (int64_t i = 0; i < e.cols; ++i) out[i] = weight_at(e, token, i);
 }
 
 // Runs of equal width from per-row widths (rows in step order), widest first.

@@ -10,7 +10,7 @@
 
 namespace es {
 
-enum class DType : int32_t { F32 = 0, BF16 = 1 };
+enum class DType : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
 
 struct Mat {  // a row-major weight [rows, cols] with leading dimension ld (elements)
   const void* data = nullptr;
@@ -49,6 +49,40 @@ inline float bf16_to_float(uint16_t v) {
     float f;
   } c{uint32_t(v) << 16};
   return c.f;
+}
+
+inline float f16_to_float(uint16_t h) {  // IEEE half -> float, subnormals included
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exp = 113;
+    while (!(mant & 0x400)) mant <<= 1, --exp;
+    bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+  }
+  union {
+    uint32_t u;
+    float f;
+  } c{bits};
+  return c.f;
+}
+
+inline float weight_at(const Mat& w, int64_t n, int64_t k) {
+  const int64_t at = n * w.ld + k;
+  switch (w.dtype) {
+    case DType::F32:
+      return static_cast<const float*>(w.data)[at];
+    case DType::BF16:
+      return bf16_to_float(static_cast<const uint16_t*>(w.data)[at]);
+    default:
+      return f16_to_float(static_cast<const uint16_t*>(w.data)[at]);
+  }
 }
 
 }  // namespace es

@@ -2,6 +2,8 @@
 
 #include <immintrin.h>
 
+#include <omp.h>
+
 #include <cmath>
 
 #pragma GCC push_options
@@ -52,6 +54,26 @@ float exp_neg1(float x) {
 }
 
 }  // namespace
+
+double read_sum(const float* x, int64_t n) {
+  double total = 0;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+  for (int64_t c = 0; c < n; c += 4096) {
+    const int64_t end = c + 4096 < n ? c + 4096 : n;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = c;
+    for (; i + 32 <= end; i += 32) {
+      a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + i));
+      a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + i + 8));
+      a2 = _mm256_add_ps(a2, _mm256_loadu_ps(x + i + 16));
+      a3 = _mm256_add_ps(a3, _mm256_loadu_ps(x + i + 24));
+    }
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < end; ++i) s += x[i];
+    total += s;
+  }
+  return total;
+}
 
 void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps) {
   __m256 acc = _mm256_setzero_ps();

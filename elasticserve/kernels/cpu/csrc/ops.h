@@ -22,4 +22,7 @@ void attend(const float* q, int64_t q_stride, int ranks, const float* cache, int
             int64_t k_off, int64_t v_off, const int32_t* blocks, int32_t bs, int64_t ctx, int hd,
             float scale, float* scores, float* out, int64_t out_stride);
 
+// The sum of n floats on the OpenMP team: a read of memory at the rate the kernels can reach.
+double read_sum(const float* x, int64_t n);
+
 }  // namespace es
