@@ -301,6 +301,26 @@ void block(const W* wp, int64_t ldw, const float* x, int64_t ldx, const float* x
   }
 }
 
+// A block of 16-bit weights: widened in registers for one x tile; for several, widened once
+// into a per-thread fp32 panel that every tile then reads from L1.
+template <typename W>
+void narrow(const W* wp, int64_t ldw, const float* x, int64_t ldx, const float* xp, int64_t ldxp,
+            const Band* bands, int nb, Flavour flavour, int64_t k_full, float* y, int64_t ldy,
+            bool accumulate, const Block& b, float* (*scratch)(size_t)) {
+  if (b.rows <= MR)
+    return block(wp, ldw, x, ldx, xp, ldxp, bands, nb, flavour, k_full, y, ldy, accumulate, b);
+  float* panel = scratch(size_t(b.nr) * size_t(k_full));
+  for (int n = 0; n < b.nr; ++n) {
+    const W* src = wp + n * ldw;
+    float* dst = panel + n * k_full;
+    int64_t k = 0;
+    for (; k + 8 <= k_full; k += 8) _mm256_storeu_ps(dst + k, load8(src + k));
+    for (; k < k_full; ++k) dst[k] = load1(src + k);
+  }
+  block(static_cast<const float*>(panel), k_full, x, ldx, nullptr, 0, bands, nb, flavour, k_full,
+        y, ldy, accumulate, b);
+}
+
 }  // namespace
 
 void run_blocks(const Mat& w, const float* x, int64_t ldx, const Band* bands, int nb,
@@ -315,40 +335,13 @@ void run_blocks(const Mat& w, const float* x, int64_t ldx, const Band* bands, in
       block(wp, w.ld, x, ldx, nullptr, 0, bands, nb, flavour, k_full, y, ldy, accumulate, b);
       continue;
     }
-    if (w.dtype == DType::F16) {
-      const Half* wp = static_cast<const Half*>(w.data) + int64_t(b.n0) * w.ld;
-      if (b.rows <= MR) {  // F16C widens in registers at about the cost of a load
-        block(wp, w.ld, x, ldx, nullptr, 0, bands, nb, flavour, k_full, y, ldy, accumulate, b);
-        continue;
-      }
-      float* panel = scratch(size_t(b.nr) * size_t(k_full));
-      for (int n = 0; n < b.nr; ++n) {
-        const Half* src = wp + n * w.ld;
-        float* dst = panel + n * k_full;
-        int64_t k = 0;
-        for (; k + 8 <= k_full; k += 8) _mm256_storeu_ps(dst + k, load8(src + k));
-        for (; k < k_full; ++k) dst[k] = load1(src + k);
-      }
-      block(static_cast<const float*>(panel), k_full, x, ldx, nullptr, 0, bands, nb, flavour,
-            k_full, y, ldy, accumulate, b);
-      continue;
+    if (w.dtype == DType::F16) {  // F16C widens in registers at about the cost of a load
+      narrow(static_cast<const Half*>(w.data) + int64_t(b.n0) * w.ld, w.ld, x, ldx, nullptr, 0,
+             bands, nb, flavour, k_full, y, ldy, accumulate, b, scratch);
+    } else {  // one bf16 row (xp given) widens in registers, even/odd
+      narrow(static_cast<const uint16_t*>(w.data) + int64_t(b.n0) * w.ld, w.ld, x, ldx, xp, ldxp,
+             bands, nb, flavour, k_full, y, ldy, accumulate, b, scratch);
     }
-    const uint16_t* wp = static_cast<const uint16_t*>(w.data) + int64_t(b.n0) * w.ld;
-    if (b.rows <= MR) {  // one x tile: convert in registers
-      block(wp, w.ld, x, ldx, xp, ldxp, bands, nb, flavour, k_full, y, ldy, accumulate, b);
-      continue;
-    }
-    // several x tiles: convert the panel once, then every tile reads fp32 from L1
-    float* panel = scratch(size_t(b.nr) * size_t(k_full));
-    for (int n = 0; n < b.nr; ++n) {
-      const uint16_t* src = wp + n * w.ld;
-      float* dst = panel + n * k_full;
-      int64_t k = 0;
-      for (; k + 8 <= k_full; k += 8) _mm256_storeu_ps(dst + k, load8(src + k));
-      for (; k < k_full; ++k) dst[k] = bf16_to_float(src[k]);
-    }
-    block(static_cast<const float*>(panel), k_full, x, ldx, nullptr, 0, bands, nb, flavour, k_full,
-          y, ldy, accumulate, b);
   }
 }
 
