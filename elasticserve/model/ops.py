@@ -78,6 +78,9 @@ def linear_in(x: torch.Tensor, wt: torch.Tensor, bands: Bands) -> torch.Tensor:
     if bands.offsets is not None and bands.widths is not None:
         from ..kernels.sliced_matmul import sliced_matmul_in
 
+        # the kernels read [K, N] rows; a CPU model keeps [N, K] (weights._transposed), so the
+        # kernels on CPU (the Triton interpreter, in tests) take a copy
+        wt = wt if wt.is_contiguous() else wt.contiguous()
         return sliced_matmul_in(x, wt, bands.offsets, bands.widths, bands.widest, check=False)
     _, k_min = bands.runs[-1]
     y = x[:, :k_min] @ wt[:k_min]
