@@ -32,7 +32,8 @@ def startup_lines(engine: LLMEngine) -> list[str]:
     else:
         capability = torch.backends.cpu.get_cpu_capability()
         bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
-        path = f"CPU {capability} ({bf16}), {torch.get_num_threads()} threads, torch ops"
+        ops = "native kernels (AVX2)" if bundle.native is not None else "torch ops"
+        path = f"CPU {capability} ({bf16}), {torch.get_num_threads()} threads, {ops}"
     blocks, block_size = runner.num_blocks, runner.block_size
     kv_bytes = runner.cache.numel() * runner.cache.element_size()
     depths = sorted({s.shape.depth for s in bundle.specs})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import threading
 import time
@@ -72,6 +73,15 @@ def poll(check: Callable[[], bool], timeout: float, what: str) -> None:
 def cluster(tiny_llama_dir: Path) -> Iterator[Cluster]:
     model = ["--model", str(tiny_llama_dir), "--served-model-name", NAME, "--policy", "slo"]
     args = parse([*model, "--replicas", "2", "--port", str(free_port()), "--max-num-seqs", "8"])
+    # Serve's controller kills a proxy that is not ready in 5 s or fails health checks of 10 s:
+    # on a machine whose cores are busy that is a start-up race, not a failure of ours. The
+    # controller and proxies read these when they start, from the environment they inherit.
+    patience = {
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    }
+    saved = {k: os.environ.get(k) for k in patience}
+    os.environ.update(patience)
     # Two CPUs: one per engine replica (the ingress asks for none), whatever the machine has.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -85,6 +95,11 @@ def cluster(tiny_llama_dir: Path) -> Iterator[Cluster]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def counter(http: httpx.Client, sample: str) -> float:
