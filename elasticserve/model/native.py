@@ -16,7 +16,7 @@ import torch
 
 from .decoder import ElasticModel
 from .shapes import ShapeSpec
-from .step_plan import BiasTable, SeqChunk
+from .step_plan import BiasTable, SeqChunk, step_order
 
 
 class NativeDecoder:
@@ -103,10 +103,7 @@ class NativeDecoder:
         self, chunks: Sequence[SeqChunk], cache: torch.Tensor, block_size: int
     ) -> tuple[torch.Tensor, list[slice]]:
         """(logits [N, V] fp32, each chunk's rows of them in input order); writes new K/V."""
-        order = sorted(
-            range(len(chunks)),
-            key=lambda i: (-chunks[i].spec.shape.width, chunks[i].spec.id),
-        )
+        order = step_order(chunks)  # the torch step's order: widths fall down the rows
         tokens: list[int] = []
         positions: list[int] = []
         row_shape: list[int] = []

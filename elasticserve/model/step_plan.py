@@ -7,6 +7,7 @@ where their new K/V go in the paged cache and which cached slots each row attend
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,15 @@ class StepInput:
     logit_slices: list[slice]  # per input chunk (input order): its rows of the returned logits
 
 
+def step_order(chunks: Sequence[SeqChunk]) -> list[int]:
+    """The chunks' order in a step: widest shape first (every elastic linear then runs on nested
+    bands, widths non-increasing down the rows), a shape's chunks together."""
+    return sorted(
+        range(len(chunks)),
+        key=lambda i: (-chunks[i].spec.shape.width, chunks[i].spec.id, chunks[i].num_computed == 0),
+    )
+
+
 def _slots(table: list[int], start: int, stop: int, block_size: int) -> list[int]:
     return [table[p // block_size] * block_size + p % block_size for p in range(start, stop)]
 
@@ -92,10 +102,7 @@ def build_step(
     `kernels` puts each layer's segment metadata on `device` for the Triton kernels.
     """
     biases = biases or {}
-    order = sorted(
-        range(len(chunks)),
-        key=lambda i: (-chunks[i].spec.shape.width, chunks[i].spec.id, chunks[i].num_computed == 0),
-    )
+    order = step_order(chunks)
     sorted_chunks = [chunks[i] for i in order]
     starts: list[int] = []
     ids: list[int] = []
