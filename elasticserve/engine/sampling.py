@@ -11,6 +11,7 @@ from .guided import Guide, GuidedDecodingParams, allocate_bitmask, bitmask_to_bo
 
 _GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a smaller temperature is greedy
 _MAX_LOGPROBS = 20
+_MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 # top-p first looks for its nucleus among this many best tokens (a cheap topk); it sorts the
 # whole vocab only when they hold less than p of the mass (a 49k-token CPU sort costs ~3 ms).
 _NUCLEUS_CANDIDATES = 256
@@ -33,7 +34,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # normalised to list[int]
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n log-probs per token; 0 = only the chosen token's
-    prompt_logprobs: int | None = None  # not supported: must stay None
+    prompt_logprobs: int | None = None  # top-n per prompt token (+ the token itself); None: off
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -100,8 +102,17 @@ def _validate(p: SamplingParams) -> None:
     _require(seed_ok, "seed", p.seed, "None or an integer in [-2**63, 2**64)")
     logprobs_ok = p.logprobs is None or (_is_int(p.logprobs) and 0 <= p.logprobs <= _MAX_LOGPROBS)
     _require(logprobs_ok, "logprobs", p.logprobs, f"None or an integer in [0, {_MAX_LOGPROBS}]")
-    if p.prompt_logprobs is not None:
-        raise ValueError(f"prompt_logprobs is not supported, got {p.prompt_logprobs!r}; omit it")
+    prompt_ok = p.prompt_logprobs is None or (
+        _is_int(p.prompt_logprobs) and 0 <= p.prompt_logprobs <= _MAX_LOGPROBS
+    )
+    rule = f"None or an integer in [0, {_MAX_LOGPROBS}]"
+    _require(prompt_ok, "prompt_logprobs", p.prompt_logprobs, rule)
+    _require(isinstance(p.logit_bias, dict | None), "logit_bias", p.logit_bias, "a dict")
+    for token, bias in (p.logit_bias or {}).items():
+        _require(_is_int(token) and token >= 0, "logit_bias", token, "keyed by token ids >= 0")
+        in_range = _is_real(bias) and abs(bias) <= _MAX_LOGIT_BIAS
+        rule = f"valued in [-{_MAX_LOGIT_BIAS:g}, {_MAX_LOGIT_BIAS:g}] (token {token})"
+        _require(in_range, "logit_bias", bias, rule)
     for s in p.stop or []:
         _require(isinstance(s, str) and s != "", "stop", s, "a non-empty string")
     for t in p.stop_token_ids or []:
@@ -110,7 +121,8 @@ def _validate(p: SamplingParams) -> None:
 
 @dataclass
 class SamplerOutput:
-    """One token per row, with log-probs under the model's raw (unprocessed) distribution."""
+    """One token per row, with log-probs under the model's distribution plus the row's logit_bias
+    (penalties, min_tokens, filters and grammars are not in them)."""
 
     token_ids: list[int]  # [B]
     logprobs: list[float]  # [B] log-prob of the chosen token
@@ -118,7 +130,8 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Picks each row's next token: penalties, min_tokens, then greedy or filtered sampling."""
+    """Picks each row's next token: logit_bias, penalties, min_tokens, then greedy or filtered
+    sampling."""
 
     def __call__(
         self,
@@ -132,13 +145,14 @@ class Sampler:
     ) -> SamplerOutput:
         """Sample one token per row of logits [B, V]; seeded rows draw only from their generator.
 
-        A row with a guide samples only the tokens its grammar allows next.
+        A row with a guide samples only the tokens its grammar allows next; a row's logit_bias
+        shifts its own logits only, before everything else (its log-probs included, as OpenAI).
         """
         batch = logits.shape[0]
         assert logits.dim() == 2, f"logits must be [B, V], got {tuple(logits.shape)}"
         lengths = {len(params), len(generators), len(prompt_token_ids), len(output_token_ids)}
         assert lengths == {batch}, f"per-row lists must all have {batch} entries, got {lengths}"
-        raw = logits.float()  # [B, V]; fp32 input comes back as is, so it is never written
+        raw = _add_logit_bias(logits.float(), params)  # [B, V]; the input is never written
         processed = _penalise_and_mask(
             raw, params, prompt_token_ids, output_token_ids, eos_token_ids
         )
@@ -147,6 +161,22 @@ class Sampler:
             processed = _apply_guides(raw, processed, guides, output_token_ids)
         tokens = _pick(processed, params, generators)  # [B]
         return _report(raw, tokens, params)
+
+
+def _add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's logit_bias added to its logits; returns logits itself when no row has one."""
+    # logits: [B, V]; fp32 logits may be the caller's own tensor, so a biased batch is a copy
+    biased = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if not biased:
+        return logits
+    vocab = logits.shape[1]
+    out = logits.clone()
+    for i, bias in biased:
+        ids = [t for t in bias if t < vocab]  # the engine refuses the others at admission
+        index = torch.tensor(ids, dtype=torch.long, device=logits.device)
+        values = torch.tensor([bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
+        out[i].index_add_(0, index, values)
+    return out
 
 
 def _penalise_and_mask(

@@ -65,6 +65,13 @@ def nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
         ("stop", ["ok", ""], "''"),
         ("stop", 3, "3"),
         ("stop_token_ids", [-1], "-1"),
+        ("prompt_logprobs", 21, "21"),
+        ("prompt_logprobs", -1, "-1"),
+        ("logit_bias", {5: 100.5}, "100.5"),
+        ("logit_bias", {5: -101}, "-101"),
+        ("logit_bias", {5: math.nan}, "nan"),
+        ("logit_bias", {-1: 1.0}, "-1"),
+        ("logit_bias", {"5": 1.0}, "'5'"),
     ],
 )
 def test_params_reject_invalid_value_naming_field(field: str, value: object, shown: str) -> None:
@@ -81,8 +88,6 @@ def test_params_reject_min_tokens_above_max_tokens() -> None:
 def test_params_reject_unsupported_features_clearly() -> None:
     with pytest.raises(ValueError, match=r"best_of must be an integer >= n \(3\), got 2"):
         SamplingParams(n=3, best_of=2)
-    with pytest.raises(ValueError, match="prompt_logprobs is not supported"):
-        SamplingParams(prompt_logprobs=1)
 
 
 def test_params_normalise_like_vllm() -> None:
@@ -237,6 +242,42 @@ def test_logprobs_come_from_the_raw_distribution() -> None:
     assert values == pytest.approx(best.values.tolist(), abs=1e-5)
     assert out.top_logprobs[1] == []
     assert out.top_logprobs[2] is None
+
+
+def test_logit_bias_shifts_only_its_own_row() -> None:
+    torch.manual_seed(6)
+    logits = torch.randn(4, 50)
+    before = logits.clone()
+    worst = int(logits[1].argmin())
+    params = [
+        SamplingParams(temperature=0, logprobs=1),
+        SamplingParams(temperature=0, logprobs=1, logit_bias={worst: 100.0}),
+        SamplingParams(temperature=0, logit_bias={int(logits[2].argmax()): -100}),
+        SamplingParams(temperature=0, logprobs=1),
+    ]
+    out = sample(logits, params)
+    assert torch.equal(logits, before)  # the caller's logits are never written
+    assert out.token_ids[0] == int(logits[0].argmax())
+    assert out.token_ids[3] == int(logits[3].argmax())
+    assert out.token_ids[1] == worst
+    assert out.token_ids[2] == int(logits[2].topk(2).indices[1])
+    # the biased row's log-probs are those of its biased logits; the others' are untouched
+    biased = logits[1].clone()
+    biased[worst] += 100
+    assert out.logprobs[1] == pytest.approx(float(biased.log_softmax(-1)[worst]), abs=1e-5)
+    for row in (0, 3):
+        expected = float(logits[row].log_softmax(-1).max())
+        assert out.logprobs[row] == pytest.approx(expected, abs=1e-5)
+
+
+def test_logit_bias_moves_sampled_frequencies() -> None:
+    logits = torch.zeros(1, 4).repeat(2000, 1)
+    bias = {2: math.log(3.0), 3: -100.0}  # token 2 three times as likely as 0 or 1, 3 never
+    out = sample(logits, [SamplingParams(seed=None, logit_bias=bias)] * 2000)
+    counts = torch.bincount(torch.tensor(out.token_ids), minlength=4).tolist()
+    assert counts[3] == 0
+    assert counts[2] / 2000 == pytest.approx(0.6, abs=0.05)
+    assert counts[0] / 2000 == pytest.approx(0.2, abs=0.04)
 
 
 def _seeded_run(seed: int, others: int, steps: int = 12) -> list[int]:
