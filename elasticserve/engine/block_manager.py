@@ -180,7 +180,8 @@ class BlockManager:
 
     def match(self, seq: Sequence) -> list[CachedBlock]:
         """The longest chain of registered blocks that covers seq's tokens before its last one."""
-        if not self.enable_caching or seq.cache_key is None:
+        # a sequence that must compute its whole prompt (prompt log-probs) finds nothing
+        if not self.enable_caching or seq.cache_key is None or seq.skip_reading_prefix_cache:
             return []
         tokens, size, hits = seq.all_token_ids, self.block_size, []
         parent = ROOT
@@ -211,7 +212,7 @@ class BlockManager:
         seq.cached_chain = list(hits)
         cached = len(hits) * self.block_size
         seq.num_computed_tokens = cached
-        if self.enable_caching and seq.cache_key is not None:
+        if self.enable_caching and seq.cache_key is not None and not seq.skip_reading_prefix_cache:
             self.queried_tokens += seq.num_tokens
             self.hit_tokens += cached
         return cached

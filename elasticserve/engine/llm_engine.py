@@ -131,6 +131,11 @@ class LLMEngine:
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if not token_ids:
             raise ValueError("the prompt is empty")
+        vocab = self.bundle.config.vocab_size
+        if params.logit_bias and (worst := max(params.logit_bias)) >= vocab:
+            raise ValueError(
+                f"logit_bias has token id {worst}, outside the vocabulary [0, {vocab})"
+            )
         max_len = self.bundle.max_model_len
         room = max_len - len(token_ids)
         if room < 1:
@@ -180,6 +185,7 @@ class LLMEngine:
             | (frozenset() if params.ignore_eos else self.eos_token_ids),
             cache_key=spec.id,
             pending_forks=size - 1,
+            skip_reading_prefix_cache=params.prompt_logprobs is not None,
         )
         self.scheduler.add(seq)
         self.load.arrive(now, len(token_ids), max_tokens)
@@ -194,6 +200,7 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params),
             generator=generator,
             logprobs=[] if params.logprobs is not None else None,
+            prompt_logprobs=None if params.prompt_logprobs is None else [None],
             pinned=pinned,
             min_shape=floor,
             slo=slo,

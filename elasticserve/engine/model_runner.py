@@ -2,7 +2,9 @@
 
 `run()` = one `SeqChunk` per scheduled sequence -> `build_step` (rows sorted into shape segments,
 a plan per layer, model/step_plan.py) -> `ElasticModel.forward` over the paged cache (new K/V
-written in place) -> the sampler on the rows that yield a token.
+written in place) -> the sampler on the rows that yield a token. A chunk whose prompt positions
+owe prompt log-probs returns every row's logits, and the runner appends those entries to its
+request (engine/prompt_logprobs.py) before sampling from the chunk's last row.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from ..model.bundle import ModelBundle
 from ..model.step_plan import SeqChunk, build_step
-from . import kv_cache
+from . import kv_cache, prompt_logprobs
 from .request import Request
 from .sampling import Sampler, SamplerOutput
 from .scheduler import ScheduledSeq
@@ -45,21 +47,25 @@ class ModelRunner:
 
     def run(self, rows: Sequence[tuple[ScheduledSeq, Request]]) -> SamplerOutput:
         """Run the scheduled chunks; one sampled token per chunk that ends at its last token."""
+        owed = [prompt_logprobs.wanted(req, item.start, item.num_new_tokens) for item, req in rows]
         chunks = [
             SeqChunk(
                 spec=req.spec,
                 token_ids=item.token_ids,
                 num_computed=item.start,
                 block_table=item.seq.block_table,
-                logits="last" if item.will_sample else "none",
+                logits="all" if tokens else "last" if item.will_sample else "none",
             )
-            for item, req in rows
+            for (item, req), tokens in zip(rows, owed, strict=True)
         ]
         native = self.bundle.native
         if native is not None and native.supports(chunks):
             logits, logit_slices = native.forward(chunks, self.cache, self.block_size)
         else:
             logits, logit_slices = self._torch_forward(chunks)
+        if any(owed):
+            requests = [(req, item.start, t) for (item, req), t in zip(rows, owed, strict=True)]
+            prompt_logprobs.record(requests, logits, logit_slices)
         return self._sample(rows, logits, logit_slices)
 
     def _torch_forward(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, list[slice]]:
@@ -85,7 +91,7 @@ class ModelRunner:
         sampled = [(i, req) for i, (item, req) in enumerate(rows) if item.will_sample]
         if not sampled:
             return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=[])
-        picked = logits[[logit_slices[i].start for i, _ in sampled]]
+        picked = logits[[logit_slices[i].stop - 1 for i, _ in sampled]]  # each chunk's last row
         requests = [req for _, req in sampled]
         return self.sampler(
             picked,

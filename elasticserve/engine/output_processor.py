@@ -72,6 +72,7 @@ def request_output(req: Request, text_delta: str) -> RequestOutput:
         narrowest_shape=narrowest.name,
         shape_tokens=dict(req.shape_tokens),
         num_cached_tokens=seq.num_cached_tokens,
+        prompt_logprobs=req.prompt_logprobs,
     )
 
 
@@ -104,6 +105,7 @@ def group_output(group: RequestGroup) -> RequestOutput:
         narrowest_shape=narrowest.name,
         shape_tokens=shape_tokens,
         num_cached_tokens=parent.seq.num_cached_tokens,
+        prompt_logprobs=parent.prompt_logprobs,
     )
 
 

@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 from ..model.shapes import ShapeSpec
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """A token's log-prob and its rank in the distribution (1: the most likely), as vLLM's."""
+
+    logprob: float
+    rank: int
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -39,6 +47,9 @@ class RequestOutput:
     shape_tokens: dict[str, int] = field(default_factory=dict)  # generated tokens per shape
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # per prompt token (None for the first): it and the top-k when the request asked for them;
+    # the engine's own list, complete once the prompt is computed
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass(frozen=True)

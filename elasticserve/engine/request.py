@@ -11,6 +11,7 @@ from ..model.shapes import ShapeSpec
 from ..policy.types import SLO
 from .detokenize import IncrementalDetokenizer
 from .guided import Guide
+from .outputs import Logprob
 from .sampling import SamplingParams
 from .sequence import Sequence
 
@@ -26,6 +27,8 @@ class Request:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     logprobs: list[dict[int, float]] | None
+    # prompt_logprobs requested: [None] (the first token has none), grown as the prompt runs
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -46,6 +46,7 @@ class Sequence:
     cache_key: int | None = None
     cached_chain: list[CachedBlock] = field(default_factory=list)
     num_cached_tokens: int = 0
+    skip_reading_prefix_cache: bool = False  # its prompt needs every row's logits (vLLM's name)
     pending_forks: int = 0  # parallel sampling: children it forks once its prompt is computed
 
     def __post_init__(self) -> None:
