@@ -41,6 +41,8 @@ ERROR_RESPONSES = error_responses(400, 401, 404, 413, 429, 503)
 
 def _engine_error_param(message: str, prompt_param: str) -> str | None:
     """Which parameter an engine ValueError is about (it names the value, not the field)."""
+    if message.startswith("logit_bias"):
+        return "logit_bias"
     if "max_tokens" in message:
         return "max_tokens"
     if "shape" in message:

@@ -10,6 +10,7 @@ from elasticserve.engine.outputs import CompletionOutput, RequestOutput
 from .protocol import (
     ChatChoice,
     ChatCompletionChunk,
+    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogProb,
     ChatLogProbs,
@@ -21,6 +22,8 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    PromptLogprob,
+    PromptLogprobs,
     PromptTokensDetails,
     TopLogProb,
     UsageInfo,
@@ -30,16 +33,17 @@ from .state import ServerState
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM reports impossible tokens like this
 
 
-def usage_info(out: RequestOutput) -> UsageInfo:
-    """Token counts: the prompt once, every returned choice's tokens, the cached prompt tokens."""
+def usage_info(out: RequestOutput, generated: bool = True) -> UsageInfo:
+    """Token counts: the prompt once, every returned choice's tokens (unless none is returned,
+    `generated` false), the cached prompt tokens."""
     prompt = len(out.prompt_token_ids)
-    completion = sum(c.num_tokens for c in out.outputs)
+    completion = sum(c.num_tokens for c in out.outputs) if generated else 0
     return UsageInfo(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=out.num_cached_tokens),
-        shape_tokens=dict(out.shape_tokens),
+        shape_tokens=dict(out.shape_tokens) if generated else {},
     )
 
 
@@ -79,6 +83,32 @@ class Format:
         ids = completion.token_ids[start:stop]
         return list(zip(ids, completion.logprobs[start:stop], strict=True))
 
+    def prompt_logprobs(self, out: RequestOutput) -> PromptLogprobs | None:
+        """vLLM's `prompt_logprobs`: per prompt token its entry and the k best, by token id."""
+        k = self.body.prompt_logprobs
+        if k is None or out.prompt_logprobs is None:
+            return None
+        result: PromptLogprobs = []
+        for token, entry in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):
+            if entry is None:
+                result.append(None)
+                continue
+            result.append(
+                {
+                    str(t): PromptLogprob(
+                        logprob=max(lp.logprob, _MIN_LOGPROB),
+                        rank=lp.rank,
+                        decoded_token=self._token(t),
+                    )
+                    for t, lp in entry.items()
+                    if t == token or lp.rank <= k  # the engine may hold more (echo's logprobs)
+                }
+            )
+        return result
+
+    def usage(self, out: RequestOutput) -> UsageInfo:
+        return usage_info(out)
+
     def _chunk(self, shape: str, choices: list[Any]) -> Any:
         return self.chunk_type(
             id=self.request_id, created=self.created, model=self.model(shape), choices=choices
@@ -99,9 +129,9 @@ class Format:
                 continue
             if finishing:
                 self.sent_finish.add(index)
-            chunk = self._chunk(out.shape, [self.stream_choice(completion, text)])
+            chunk = self._chunk(out.shape, [self.stream_choice(out, completion, text)])
             if self.body.continuous_usage:
-                chunk.usage = usage_info(out)
+                chunk.usage = self.usage(out)
             elif self.body.include_usage:
                 chunk.usage = None  # OpenAI sends an explicit null until the final usage chunk
             chunks.append(chunk)
@@ -109,10 +139,10 @@ class Format:
 
     def usage_chunk(self, out: RequestOutput) -> Any:
         chunk = self._chunk(out.narrowest_shape, [])
-        chunk.usage = usage_info(out)
+        chunk.usage = self.usage(out)
         return chunk
 
-    def stream_choice(self, completion: CompletionOutput, text: str) -> Any:
+    def stream_choice(self, out: RequestOutput, completion: CompletionOutput, text: str) -> Any:
         raise NotImplementedError
 
     def response(self, out: RequestOutput) -> Any:
@@ -120,18 +150,37 @@ class Format:
 
 
 class CompletionFormat(Format):
+    """With `echo`, a choice's first chunk (or its whole text) starts with the prompt, and its
+    log-probs with the prompt tokens' (the first one's None), as OpenAI's legacy completions."""
+
     chunk_type = CompletionChunk
+    body: CompletionRequest
 
     def __init__(self, server: ServerState, request_id: str, body: CompletionRequest):
         super().__init__(server, request_id, body)
         self.text_offset: dict[int, int] = {}  # per choice: logprobs.text_offset of its next token
+        self.echoed: set[int] = set()  # choices whose prompt went out
+        prompt = body.single_prompt() if body.echo else ""
+        self.prompt_text = (
+            prompt if isinstance(prompt, str) else str(server.tokenizer.decode(prompt))
+        )
 
-    def logprobs(self, completion: CompletionOutput) -> CompletionLogProbs | None:
+    def usage(self, out: RequestOutput) -> UsageInfo:
+        return usage_info(out, generated=not self.body.echo_only)
+
+    def logprobs(
+        self, out: RequestOutput, completion: CompletionOutput, echo: bool
+    ) -> CompletionLogProbs | None:
         if self.body.logprobs is None:
             return None
         # explicit lists: chunks are serialised with exclude_unset, and [] must not vanish
         result = CompletionLogProbs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
-        offset = self.text_offset.get(completion.index, 0)
+        if echo:
+            self._add_prompt_logprobs(out, result)
+        offset = self.text_offset.get(completion.index, 0) + sum(map(len, result.tokens))
+        if self.body.echo_only:  # the one token run for it is not part of the answer
+            self.text_offset[completion.index] = offset
+            return result
         for token_id, entry in self._new_logprobs(completion):
             text = self._token(token_id)
             result.tokens.append(text)
@@ -143,27 +192,62 @@ class CompletionFormat(Format):
         self.text_offset[completion.index] = offset
         return result
 
-    def stream_choice(self, completion: CompletionOutput, text: str) -> CompletionChoice:
+    def _add_prompt_logprobs(self, out: RequestOutput, result: CompletionLogProbs) -> None:
+        """The prompt tokens' entries (None for the first), the body's `logprobs` best of each."""
+        assert out.prompt_logprobs is not None and self.body.logprobs is not None
+        offset, n_top = 0, self.body.logprobs
+        for token, entry in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True):
+            text = self._token(token)
+            result.tokens.append(text)
+            result.text_offset.append(offset)
+            offset += len(text)
+            if entry is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            result.token_logprobs.append(max(entry[token].logprob, _MIN_LOGPROB))
+            top = sorted(
+                ((t, lp.logprob) for t, lp in entry.items() if t == token or lp.rank <= n_top),
+                key=lambda kv: -kv[1],
+            )
+            result.top_logprobs.append({self._token(t): max(lp, _MIN_LOGPROB) for t, lp in top})
+
+    def stream_choice(
+        self, out: RequestOutput, completion: CompletionOutput, text: str
+    ) -> CompletionChoice:
+        index, finish, stop = completion.index, completion.finish_reason, completion.stop_reason
+        echo = bool(self.body.echo) and index not in self.echoed
+        if echo:
+            self.echoed.add(index)
+        if self.body.echo_only:  # max_tokens 0: the prompt is the whole answer
+            text, finish, stop = "", "length" if finish is not None else None, None
         return CompletionChoice(
-            index=completion.index,
-            text=text,
-            logprobs=self.logprobs(completion),
-            finish_reason=completion.finish_reason,
-            stop_reason=completion.stop_reason,
+            index=index,
+            text=(self.prompt_text if echo else "") + text,
+            logprobs=self.logprobs(out, completion, echo),
+            finish_reason=finish,
+            stop_reason=stop,
         )
 
     def response(self, out: RequestOutput) -> CompletionResponse:
+        choices = [self.stream_choice(out, c, c.text) for c in out.outputs]
+        prompt_logprobs = self.prompt_logprobs(out)
+        for choice in choices:
+            choice.prompt_logprobs = prompt_logprobs
         return CompletionResponse(
             id=self.request_id,
             created=self.created,
             model=self.model(out.narrowest_shape),
-            choices=[self.stream_choice(c, c.text) for c in out.outputs],
-            usage=usage_info(out),
+            choices=choices,
+            usage=self.usage(out),
         )
 
 
 class ChatFormat(Format):
+    """With `echo` (vLLM's), each answer starts with the last message if the assistant's."""
+
     chunk_type = ChatCompletionChunk
+    body: ChatCompletionRequest
 
     def logprobs(self, completion: CompletionOutput) -> ChatLogProbs | None:
         if not self.body.logprobs:
@@ -184,18 +268,26 @@ class ChatFormat(Format):
         )
 
     def opening_chunks(self, shape: str) -> list[Any]:
-        """OpenAI opens a chat stream with the assistant's role and empty content, per choice."""
+        """OpenAI opens a chat stream with the assistant's role and empty content, per choice;
+        the echoed message follows (vLLM)."""
         chunks = []
+        echoed = self.body.echoed()
         for index in range(self.body.n or 1):
-            delta = DeltaMessage(role="assistant", content="")
-            choice = ChatStreamChoice(index=index, delta=delta, logprobs=None, finish_reason=None)
-            chunk = self._chunk(shape, [choice])
-            if self.body.include_usage:
-                chunk.usage = None
-            chunks.append(chunk)
+            deltas = [DeltaMessage(role="assistant", content="")]
+            deltas += [DeltaMessage(content=echoed)] if echoed else []
+            for delta in deltas:
+                choice = ChatStreamChoice(
+                    index=index, delta=delta, logprobs=None, finish_reason=None
+                )
+                chunk = self._chunk(shape, [choice])
+                if self.body.include_usage:
+                    chunk.usage = None
+                chunks.append(chunk)
         return chunks
 
-    def stream_choice(self, completion: CompletionOutput, text: str) -> ChatStreamChoice:
+    def stream_choice(
+        self, out: RequestOutput, completion: CompletionOutput, text: str
+    ) -> ChatStreamChoice:
         choice = ChatStreamChoice(
             index=completion.index,
             delta=DeltaMessage(content=text) if text else DeltaMessage(),
@@ -207,10 +299,11 @@ class ChatFormat(Format):
         return choice
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
+        echoed = self.body.echoed()
         choices = [
             ChatChoice(
                 index=c.index,
-                message=ChatResponseMessage(content=c.text),
+                message=ChatResponseMessage(content=echoed + c.text),
                 logprobs=self.logprobs(c),
                 finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
@@ -222,5 +315,6 @@ class ChatFormat(Format):
             created=self.created,
             model=self.model(out.narrowest_shape),
             choices=choices,
-            usage=usage_info(out),
+            usage=self.usage(out),
+            prompt_logprobs=self.prompt_logprobs(out),
         )

@@ -9,6 +9,7 @@ its "off" value (vLLM logs and ignores unknown fields; a silent default is worse
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal, cast
@@ -27,6 +28,8 @@ MAX_STOPS = 64
 MAX_STOP_CHARS = 1024
 Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
+Bias = Annotated[float, Field(ge=-100, le=100)]  # OpenAI's logit_bias range
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class RequestError(ValueError):
@@ -67,7 +70,6 @@ class StreamOptions(_Request):
 # vLLM / OpenAI request fields not implemented here, each with the value that means "off"; sent
 # with that value (or null) they are accepted, with any other a 400 names them.
 UNSUPPORTED_FIELDS: dict[str, object] = {
-    "prompt_logprobs": None,
     "use_beam_search": False,
     "length_penalty": 1.0,
     "early_stopping": False,
@@ -143,7 +145,7 @@ class _SamplingRequest(_Request):
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Bias] | None = None  # token id (a decimal string) -> bias
     user: str | None = None
     # vLLM extras
     top_k: Annotated[int, Field(ge=-1, le=2**63 - 1)] | None = None
@@ -155,6 +157,7 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     priority: Int64 | None = None  # lower is served first
+    prompt_logprobs: TopLogprobs | None = None  # per prompt token: its log-prob and the top-k
     # structured output: one of these at most (vLLM's guided_* fields, OpenAI's response_format)
     response_format: ResponseFormat | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -225,8 +228,11 @@ class _SamplingRequest(_Request):
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         self._refuse_unsupported()
-        if self.logit_bias:
-            raise RequestError("logit_bias is not supported", "logit_bias")
+        if self.stream and self.prompt_logprobs is not None:
+            # vLLM refuses k > 0 and drops 0 silently; a stream has no field to carry them
+            raise RequestError(
+                "prompt_logprobs are not available when stream is true", "prompt_logprobs"
+            )
         guided = self.guided_decoding()
         try:
             params = self._build_params(max_tokens, logprobs)
@@ -252,12 +258,26 @@ class _SamplingRequest(_Request):
             stop_token_ids=self.stop_token_ids,
             ignore_eos=_or(self.ignore_eos, False),
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            logit_bias=self._logit_bias(),
             repetition_penalty=_or(self.repetition_penalty, 1.0),
             presence_penalty=_or(self.presence_penalty, 0.0),
             frequency_penalty=_or(self.frequency_penalty, 0.0),
             skip_special_tokens=_or(self.skip_special_tokens, True),
             include_stop_str_in_output=_or(self.include_stop_str_in_output, False),
         )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """logit_bias keyed by int token ids; RequestError for a key that is not one."""
+        if not self.logit_bias:
+            return None
+        for key in self.logit_bias:
+            if not re.fullmatch(r"[0-9]{1,12}", key):
+                raise RequestError(
+                    f"logit_bias keys must be token ids (decimal strings), got {_short(key)}",
+                    "logit_bias",
+                )
+        return {int(key): bias for key, bias in self.logit_bias.items()}
 
     @property
     def include_usage(self) -> bool:
@@ -272,9 +292,9 @@ class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
     prompt: str | list[Count] | list[str] | list[list[Count]]
-    max_tokens: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    echo: bool | None = None
+    max_tokens: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = 16  # 0: only with echo
+    logprobs: TopLogprobs | None = None
+    echo: bool | None = None  # the prompt before each choice's text (and its log-probs)
     best_of: Int64 | None = None
     suffix: str | None = None
 
@@ -291,13 +311,25 @@ class CompletionRequest(_SamplingRequest):
             )
         return cast(str | list[int], prompt[0])
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the answer is the prompt alone (one token is run and dropped)."""
+        return bool(self.echo) and self.max_tokens == 0
+
     def to_sampling_params(self) -> SamplingParams:
         """Engine sampling parameters; RequestError for what the server does not support."""
-        if self.echo:
-            raise RequestError("echo is not supported; omit it or set it to false", "echo")
         if self.suffix:
             raise RequestError("suffix is not supported", "suffix")
-        params = self._sampling_params(self.max_tokens, self.logprobs)
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens must be >= 1 (0 only with echo)", "max_tokens")
+        if self.echo_only and self.min_tokens:
+            raise RequestError(
+                f"min_tokens must be 0 when max_tokens is 0, got {self.min_tokens}", "min_tokens"
+            )
+        params = self._sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:  # the echoed prompt's log-probs (vLLM)
+            wanted = max(self.logprobs, self.prompt_logprobs or 0)
+            params = dataclasses.replace(params, prompt_logprobs=wanted)
         if self.best_of is None:
             return params
         if self.best_of < params.n:
@@ -343,10 +375,10 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None  # None: to the context
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    echo: bool | None = None  # vLLM: not implemented, refused when true
+    echo: bool | None = None  # vLLM: the last message, if the assistant's, before each answer
     add_special_tokens: bool | None = None  # vLLM (default false): not implemented for true
     add_generation_prompt: bool | None = None  # vLLM; None: True
 
@@ -360,14 +392,17 @@ class ChatCompletionRequest(_SamplingRequest):
             out.append(entry)
         return out
 
+    def echoed(self) -> str:
+        """What `echo` puts before each answer: the last message's text if the assistant's."""
+        last = self.messages[-1]
+        return last.text() if self.echo and last.role == "assistant" else ""
+
     def to_sampling_params(self) -> SamplingParams:
         """Engine sampling parameters; RequestError for what the server does not support."""
         if self.tools:
             raise RequestError("tool calling is not supported", "tools")
         if self.tool_choice not in (None, "none", "auto"):
             raise RequestError("tool calling is not supported", "tool_choice")
-        if self.echo:
-            raise RequestError("echo is not supported; omit it or set it to false", "echo")
         if self.add_special_tokens:
             raise RequestError(
                 "add_special_tokens is not supported: the chat template writes them",
@@ -417,12 +452,25 @@ class CompletionLogProbs(_Response):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(_Response):
+    """vLLM's Logprob, one entry of `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None = None  # 1: the most likely token at that position
+    decoded_token: str | None = None
+
+
+# per prompt token, None for the first: {token id: its PromptLogprob} for it and the top-k
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(_Response):
     index: int = 0
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM: the stop token id or string that ended it
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM: when the request set prompt_logprobs
 
 
 class CompletionResponse(_Response):
@@ -470,6 +518,7 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM: when the request set prompt_logprobs
 
 
 class DeltaMessage(_Response):

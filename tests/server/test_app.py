@@ -325,7 +325,7 @@ ERRORS = [
     ("/v1/completions", {"model": NAME, "prompt": "x " * 600}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": [10**9]}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "n": 0}, 400, "n"),
-    ("/v1/completions", {"model": NAME, "prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"model": f"{NAME}@d2-w0.5", "prompt": "x"}, 400, "model"),
     ("/v1/completions", {"model": f"{NAME}@huge", "prompt": "x"}, 400, "model"),

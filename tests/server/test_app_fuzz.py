@@ -60,12 +60,16 @@ SAMPLING = {
         {}, optional={"ttft_ms": st.floats(1, 1e4), "tpot_ms": st.floats(1, 1e4)}
     ),
     "user": text,
+    "logit_bias": st.dictionaries(
+        st.integers(min_value=0, max_value=49_151).map(str), st.floats(-100, 100), max_size=3
+    ),
+    "prompt_logprobs": st.integers(min_value=0, max_value=3),
 }
 COMPLETION = {
     **SAMPLING,
     "prompt": st.one_of(text, token_ids, st.lists(text, min_size=1, max_size=1)),
     "logprobs": st.integers(min_value=0, max_value=5),
-    "echo": st.just(False),
+    "echo": st.booleans(),
 }
 MESSAGE = st.fixed_dictionaries(
     {
@@ -82,6 +86,7 @@ CHAT = {
     "logprobs": st.booleans(),
     "top_logprobs": st.integers(min_value=0, max_value=5),
     "response_format": st.just({"type": "text"}),
+    "echo": st.booleans(),
 }
 
 
