@@ -99,3 +99,16 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
         if name.endswith("bias"):
             p.data.normal_(0, 0.5)  # Qwen2's q/k/v biases must matter in the comparison
     return _save(model, tokenizer, tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_quant_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A tiny Llama whose heads (32 wide) and MLP widths are whole groups of 32 input features,
+    as q8/q4 shapes need."""
+    torch.manual_seed(2)
+    dims = dict(TINY, hidden_size=128, intermediate_size=256, num_attention_heads=4)
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **dims)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model = LlamaForCausalLM(config)
+    _scale_norms(model)
+    return _save(model, tokenizer, tmp_path_factory.mktemp("tiny-quant"))

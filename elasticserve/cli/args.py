@@ -19,3 +19,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "native", "torch"),
         help="on a CPU: native C++ kernels when they build here (auto), required, or torch ops",
     )
+    parser.add_argument(
+        "--precisions",
+        default=None,
+        help="quantized precisions the grid adds, e.g. q8,q4 (shapes d30-w1.0-q4, ...), served "
+        "by the native CPU kernels; 'none': the model's dtype only (default: the pack's list)",
+    )

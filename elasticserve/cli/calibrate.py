@@ -50,6 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--no-lora", action="store_true", help="the pack without its fine-tuned adapters"
     )
+    ev.add_argument(
+        "--precisions",
+        default=None,
+        help="quantized precisions to add to the grid, e.g. q8,q4 (default: the pack's)",
+    )
+    ev.add_argument(
+        "--quant-method", default="minmax", choices=("minmax", "mse"), help="q8/q4 scales"
+    )
     ev.set_defaults(func=run_eval)
 
 
@@ -114,7 +122,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..training.evaluate import shape_report
 
     bundle = load_bundle(
-        _model(args.model), pack=args.pack, dtype=args.dtype, lora=not args.no_lora
+        _model(args.model),
+        pack=args.pack,
+        dtype=args.dtype,
+        lora=not args.no_lora,
+        precisions=args.precisions,
+        quant_method=args.quant_method,
     )
     names = [s.name for s in bundle.specs] if args.shapes == "all" else args.shapes.split(",")
     specs = [bundle.spec(n) for n in names]

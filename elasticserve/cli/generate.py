@@ -36,7 +36,12 @@ def _generate(args: argparse.Namespace) -> None:
     from ..engine.sampling import SamplingParams
 
     llm = LLM(
-        args.model, args.pack, dtype=args.dtype, device=args.device, cpu_kernels=args.cpu_kernels
+        args.model,
+        args.pack,
+        dtype=args.dtype,
+        device=args.device,
+        cpu_kernels=args.cpu_kernels,
+        precisions=args.precisions,
     )
     prompt = args.prompt
     if args.chat:
@@ -60,7 +65,12 @@ def _shapes(args: argparse.Namespace) -> None:
     from ..model.bundle import load_bundle
 
     bundle = load_bundle(
-        args.model, args.pack, dtype=args.dtype, device=args.device, cpu_kernels=args.cpu_kernels
+        args.model,
+        args.pack,
+        dtype=args.dtype,
+        device=args.device,
+        cpu_kernels=args.cpu_kernels,
+        precisions=args.precisions,
     )
     rows = [
         {

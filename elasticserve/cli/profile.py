@@ -59,6 +59,7 @@ def _profile(args: argparse.Namespace) -> None:
         device=args.device,
         max_model_len=1024,
         cpu_kernels=args.cpu_kernels,
+        precisions=args.precisions,
     )
     measured = profile(
         bundle, batch_sizes(args.max_batch), context=(short, long), repeats=args.repeats

@@ -32,6 +32,7 @@ class LLM:
         engine_config: EngineConfig | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         cpu_kernels: str = "auto",
+        precisions: str | tuple[str, ...] | None = None,
     ):
         self.bundle: ModelBundle = load_bundle(
             model,
@@ -41,6 +42,7 @@ class LLM:
             cache_dir=cache_dir,
             max_model_len=max_model_len,
             cpu_kernels=cpu_kernels,
+            precisions=precisions,
         )
         self.engine = LLMEngine(self.bundle, engine_config)
 

@@ -58,15 +58,40 @@ class ModelRunner:
             )
             for (item, req), tokens in zip(rows, owed, strict=True)
         ]
-        native = self.bundle.native
-        if native is not None and native.supports(chunks):
-            logits, logit_slices = native.forward(chunks, self.cache, self.block_size)
-        else:
-            logits, logit_slices = self._torch_forward(chunks)
+        logits, logit_slices = self._forward(chunks)
         if any(owed):
             requests = [(req, item.start, t) for (item, req), t in zip(rows, owed, strict=True)]
             prompt_logprobs.record(requests, logits, logit_slices)
         return self._sample(rows, logits, logit_slices)
+
+    def _forward(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, list[slice]]:
+        """The native step where it runs the chunks, the torch step where it does not (rows
+        with adapters); a step of both runs each part on its path and joins the logits."""
+        native = self.bundle.native
+        if native is None:
+            return self._torch_forward(chunks)
+        here = [native.supports([c]) for c in chunks]
+        if all(here):
+            return native.forward(chunks, self.cache, self.block_size)
+        if any(c.spec.shape.precision for c, ok in zip(chunks, here, strict=True) if not ok):
+            raise ValueError("a q8/q4 shape runs only in the native kernels, with a block table")
+        if not any(here):
+            return self._torch_forward(chunks)
+        parts = [
+            [i for i, ok in enumerate(here) if ok],
+            [i for i, ok in enumerate(here) if not ok],
+        ]
+        results = [
+            native.forward([chunks[i] for i in parts[0]], self.cache, self.block_size),
+            self._torch_forward([chunks[i] for i in parts[1]]),
+        ]
+        slices: list[slice] = [slice(0, 0)] * len(chunks)
+        offset = 0
+        for idx, (logits, part_slices) in zip(parts, results, strict=True):
+            for i, sl in zip(idx, part_slices, strict=True):
+                slices[i] = slice(sl.start + offset, sl.stop + offset)
+            offset += logits.shape[0]
+        return torch.cat([results[0][0], results[1][0].float()]), slices
 
     def _torch_forward(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, list[slice]]:
         cfg, model = self.bundle.config, self.bundle.model

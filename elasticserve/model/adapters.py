@@ -154,12 +154,13 @@ class LoraExperts(nn.Module):
 def effective_weights(
     experts: LoraExperts, specs: list[ShapeSpec], dtype: torch.dtype, device: torch.device
 ) -> LoraWeights:
-    """Collapse the mixture into one adapter per shape and layer it keeps (none for full)."""
+    """Collapse the mixture into one adapter per shape and layer it keeps (none for full, none
+    for the quantized shapes: they run in the native kernels, which have no adapter path)."""
     num_layers = experts.model_config.num_layers
     slots = [[-1] * len(specs) for _ in range(num_layers)]
     per_layer: list[dict[str, list[Pair]]] = [{n: [] for n in LINEARS} for _ in range(num_layers)]
     routes = {}
-    adapted = [s for s in specs if s.id != FULL_SHAPE_ID]
+    adapted = [s for s in specs if s.id != FULL_SHAPE_ID and not s.shape.precision]
     weights, ids = experts.route(adapted) if adapted else (None, None)
     for i, spec in enumerate(adapted):
         assert weights is not None and ids is not None

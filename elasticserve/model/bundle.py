@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,10 @@ from .device import resolve_device, resolve_dtype
 from .loader import load_config, load_state_dict, load_tokenizer, resolve_model_dir, served_name
 from .native import NativeDecoder
 from .pack import Pack, identity_pack, model_fingerprint
-from .shapes import Shape, ShapeSpec
+from .quant import QuantWeight, gguf_linears
+from .shapes import Shape, ShapeSpec, parse_precisions
 from .step_plan import BiasTable
-from .weights import serving_weights
+from .weights import QuantWeights, quantized_weights, serving_weights
 
 PACKS_DIR = Path(__file__).parents[1] / "packs"
 
@@ -44,6 +46,7 @@ class ModelBundle:
     max_model_len: int
     biases: BiasTable  # bias compensation on the model's device and dtype
     native: NativeDecoder | None = None  # the native CPU decoder step, where it serves
+    quant: QuantWeights | None = None  # the q8/q4 planes of the grid's quantized shapes
 
     @property
     def full(self) -> ShapeSpec:
@@ -69,8 +72,11 @@ class ModelBundle:
                 return spec
         depths = ", ".join(map(str, self.pack.depths))
         widths = ", ".join(f"{w:g}" for w in self.pack.widths)
+        served = sorted({s.shape.precision for s in self.specs} - {""})
+        precisions = ", ".join(["the model's dtype (no suffix)", *served])
         raise ValueError(
-            f"shape {parsed} is not in the grid of this pack (depths {depths}; widths {widths})"
+            f"shape {parsed} is not in the grid of this pack (depths {depths}; widths {widths}; "
+            f"precisions {precisions})"
         )
 
 
@@ -84,6 +90,9 @@ def load_bundle(
     name: str | None = None,
     lora: bool = True,
     cpu_kernels: str = "auto",
+    precisions: str | tuple[str, ...] | None = None,
+    quant_method: str = "minmax",
+    down_q8: bool = True,
 ) -> ModelBundle:
     """Load a base model (default: the embedded SmolLM2-135M) and serve it through `pack`.
 
@@ -91,7 +100,10 @@ def load_bundle(
     order, uniform widths, evenly spaced layers). `lora` applies the pack directory's fine-tuned
     adapters, if it has any (lora=False: the calibrated shapes alone, e.g. `eval --no-lora`).
     `cpu_kernels` on a CPU: "auto" runs steps in the native kernels when they build here, "native"
-    requires them, "torch" keeps torch ops.
+    requires them, "torch" keeps torch ops. `precisions` ("q8,q4"; None: the pack's) adds the
+    grid's quantized shapes, served by the native kernels from planes quantized at load: a GGUF
+    source's own Q4_0/Q4_1/Q8_0 blocks where they survive the pack's order, else `quant_method`
+    ("minmax" or "mse" clipping); `down_q8`: q4 rows read a re-quantized `down` at q8.
     """
     dev = resolve_device(device)
     ext = native_extension(cpu_kernels, dev)
@@ -110,18 +122,31 @@ def load_bundle(
         pack_dir = Path(pack)
         pack = Pack.load(pack_dir)
     pack.check_model(config, fingerprint)
+    chosen = pack.precisions if precisions is None else parse_precisions(precisions)
+    if chosen and ext is None:
+        raise ValueError(
+            f"q8/q4 shapes ({', '.join(chosen)}) run in the native CPU kernels, which do not run "
+            f"here ({dev.type}, --cpu-kernels {cpu_kernels}): pass --precisions none"
+        )
+    quant = None
+    if chosen:  # from the fp32 weights, before serving_weights frees them
+        quant = quantized_weights(
+            state, config, pack, _gguf_source(model_dir, state, config), quant_method
+        )
     max_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     cos, sin = rope_tables(hf_config, max_len)
     weights = serving_weights(state, config, pack, torch_dtype, dev)
     elastic = ElasticModel(config, weights, (cos.to(dev, torch_dtype), sin.to(dev, torch_dtype)))
-    specs = pack.specs()
+    specs = pack.specs(chosen, dense_bits=torch_dtype.itemsize * 8)
     if lora and pack_dir is not None and has_adapters(pack_dir):
         experts, _ = load_adapters(pack_dir, config, pack.widths)
         elastic.lora = effective_weights(experts, specs, torch_dtype, dev)
     biases = {
         k: (o.to(dev, torch_dtype), d.to(dev, torch_dtype)) for k, (o, d) in pack.bias.items()
     }
-    native = NativeDecoder(ext, elastic, specs, biases, (cos, sin)) if ext is not None else None
+    native = None
+    if ext is not None:
+        native = NativeDecoder(ext, elastic, specs, biases, (cos, sin), quant, down_q8)
     return ModelBundle(
         name=name,
         model_dir=model_dir,
@@ -133,7 +158,19 @@ def load_bundle(
         max_model_len=max_len,
         biases=biases,
         native=native,
+        quant=quant,
     )
+
+
+def _gguf_source(
+    model_dir: Path, state: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, QuantWeight] | None:
+    """The quantized blocks of the GGUF file `model_dir` was converted from, if it was."""
+    marker = model_dir / "elasticserve_source.json"
+    if not marker.is_file():
+        return None
+    gguf = Path(json.loads(marker.read_text())["gguf"])
+    return gguf_linears(gguf, state, config) if gguf.is_file() else None
 
 
 CPU_KERNELS = ("auto", "native", "torch")

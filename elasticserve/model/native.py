@@ -15,8 +15,16 @@ from types import ModuleType
 import torch
 
 from .decoder import ElasticModel
+from .quant import QuantWeight
 from .shapes import ShapeSpec
 from .step_plan import BiasTable, SeqChunk, step_order
+from .weights import QuantWeights
+
+PRECISION_CODES = {"": 0, "q8": 1, "q4": 2}  # es::Precision
+
+
+def _planes(q: QuantWeight, q4_reads_lo: bool = False) -> tuple[object, ...]:
+    return (q.hi, q.lo, q.scale, q.minimum, q4_reads_lo)
 
 
 class NativeDecoder:
@@ -29,7 +37,11 @@ class NativeDecoder:
         specs: Sequence[ShapeSpec],
         biases: BiasTable,
         rope: tuple[torch.Tensor, torch.Tensor],
+        quant: QuantWeights | None = None,
+        down_q8: bool = True,
     ) -> None:
+        """`quant`: the q8/q4 planes the grid's quantized shapes read; `down_q8`: a q4 row reads
+        a re-quantized `down` (a source's blocks split by the channel order) at q8."""
         cfg, w = model.config, model.weights
         self.config = cfg
         self.model = model
@@ -47,7 +59,20 @@ class NativeDecoder:
             heads += list(spec.heads)
             mlp += list(spec.mlp)
             bias += [bias_rows.get((spec.shape.width, i), -1) for i in range(num_layers)]
-        tables = [torch.tensor(t, dtype=torch.int32) for t in (kept, heads, mlp, bias)]
+        precision = [PRECISION_CODES[spec.shape.precision] for spec in specs]
+        if any(precision) and quant is None:
+            raise ValueError("the grid has q8/q4 shapes but no quantized weights were given")
+        tables = [torch.tensor(t, dtype=torch.int32) for t in (kept, heads, mlp, bias, precision)]
+        quant_layers = [
+            [
+                _planes(q.qkv),
+                _planes(q.o),
+                _planes(q.gate),
+                _planes(q.up),
+                _planes(q.down, down_q8 and q.down_requantized),
+            ]
+            for q in (quant.layers if quant is not None else [])
+        ]
 
         def f32(t: torch.Tensor | None) -> torch.Tensor:
             return torch.empty(0) if t is None else t.float().contiguous()
@@ -87,6 +112,8 @@ class NativeDecoder:
             tables,
             stack(bias_o),
             stack(bias_down),
+            quant_layers,
+            _planes(quant.head) if quant is not None else None,
         )
 
     def supports(self, chunks: Sequence[SeqChunk]) -> bool:

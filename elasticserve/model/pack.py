@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .shapes import DEFAULT_WIDTHS, Shape, ShapeSpec, format_width
+from .shapes import DEFAULT_WIDTHS, DENSE, Shape, ShapeSpec, format_width, parse_precisions
 
 FORMAT_VERSION = 1
 
@@ -53,6 +53,9 @@ class Pack:
     bias: dict[tuple[float, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     quality: dict[str, float] = field(default_factory=dict)  # shape name -> held-out perplexity
     meta: dict[str, object] = field(default_factory=dict)  # how it was made (command, data, ...)
+    # quantized precisions the grid offers besides the model's dtype ("q8", "q4"), from the same
+    # stored weights; quantized once at load (model/quant.py)
+    precisions: tuple[str, ...] = ()
 
     @property
     def widths(self) -> list[float]:
@@ -62,27 +65,34 @@ class Pack:
     def depths(self) -> list[int]:
         return sorted(self.layer_tables, reverse=True)
 
-    def specs(self) -> list[ShapeSpec]:
-        """The shape grid, widest and deepest first; a spec's position is its shape id."""
+    def specs(
+        self, precisions: tuple[str, ...] | None = None, dense_bits: int = 16
+    ) -> list[ShapeSpec]:
+        """The shape grid: the model's dtype first, then each quantized precision, each widest
+        and deepest first; a spec's position is its shape id. `precisions` overrides the pack's;
+        `dense_bits` is the model dtype's width, against which quantized shapes count bytes."""
+        chosen = self.precisions if precisions is None else parse_precisions(precisions)
         full = self.config.layer_params() * self.config.num_layers
         out: list[ShapeSpec] = []
-        for depth in self.depths:
-            for width in self.widths:
-                heads, mlp = self.layer_widths[width]
-                layers = self.layer_tables[depth]
-                params = sum(self.config.layer_params(heads[i], mlp[i]) for i in layers)
-                shape = Shape(depth, width)
-                out.append(
-                    ShapeSpec(
-                        id=len(out),
-                        shape=shape,
-                        layers=layers,
-                        heads=heads,
-                        mlp=mlp,
-                        weight_fraction=params / full,
-                        ppl=self.quality.get(str(shape)),
+        for precision in (DENSE, *chosen):
+            for depth in self.depths:
+                for width in self.widths:
+                    heads, mlp = self.layer_widths[width]
+                    layers = self.layer_tables[depth]
+                    params = sum(self.config.layer_params(heads[i], mlp[i]) for i in layers)
+                    shape = Shape(depth, width, precision)
+                    bits = dense_bits if precision == DENSE else shape.bits
+                    out.append(
+                        ShapeSpec(
+                            id=len(out),
+                            shape=shape,
+                            layers=layers,
+                            heads=heads,
+                            mlp=mlp,
+                            weight_fraction=params / full * bits / dense_bits,
+                            ppl=self.quality.get(str(shape)),
+                        )
                     )
-                )
         return out
 
     def check_model(self, config: ModelConfig, fingerprint: str) -> None:
@@ -122,6 +132,7 @@ class Pack:
             "layer_tables": {str(d): list(t) for d, t in sorted(self.layer_tables.items())},
             "quality": self.quality,
             "meta": self.meta,
+            "precisions": list(self.precisions),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         if path.exists():
@@ -165,6 +176,7 @@ class Pack:
             bias=bias,
             quality={k: float(v) for k, v in manifest.get("quality", {}).items()},
             meta=dict(manifest.get("meta", {})),
+            precisions=parse_precisions(manifest.get("precisions", [])),
         )
 
 

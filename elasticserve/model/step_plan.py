@@ -74,12 +74,19 @@ class StepInput:
 
 
 def step_order(chunks: Sequence[SeqChunk]) -> list[int]:
-    """The chunks' order in a step: widest shape first (every elastic linear then runs on nested
+    """The chunks' order in a step: by precision (the model's dtype, q8, q4: each reads its own
+    copy of the weights), then widest shape first (every elastic linear then runs on nested
     bands, widths non-increasing down the rows), a shape's chunks together."""
-    return sorted(
-        range(len(chunks)),
-        key=lambda i: (-chunks[i].spec.shape.width, chunks[i].spec.id, chunks[i].num_computed == 0),
-    )
+
+    def key(i: int) -> tuple[int, float, int, bool]:
+        shape = chunks[i].spec.shape
+        rank = PRECISION_RANK[shape.precision]
+        return (rank, -shape.width, chunks[i].spec.id, chunks[i].num_computed == 0)
+
+    return sorted(range(len(chunks)), key=key)
+
+
+PRECISION_RANK = {"": 0, "q8": 1, "q4": 2}
 
 
 def _slots(table: list[int], start: int, stop: int, block_size: int) -> list[int]:

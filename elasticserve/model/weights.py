@@ -13,6 +13,7 @@ import torch
 
 from .config import ModelConfig
 from .pack import Pack
+from .quant import QGROUP, QuantWeight, cat_rows, quantize, take_groups, take_rows
 
 
 @dataclass
@@ -122,3 +123,107 @@ def serving_weights(
     head = state.get("lm_head.weight")
     lm_head = embed if config.tie_word_embeddings or head is None else get("lm_head.weight")
     return Weights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
+
+
+# -- the quantized copy (q8 / q4 shapes) --------------------------------------------------------
+
+
+@dataclass
+class QuantLayer:
+    """One layer's linears in the serving layout as nested q8/q4 planes (model/quant.py)."""
+
+    qkv: QuantWeight  # rows as LayerWeights.qkv
+    o: QuantWeight  # [H, heads*hd], input columns in the serving head order
+    gate: QuantWeight
+    up: QuantWeight
+    down: QuantWeight  # [H, I], input channels in the serving order
+    down_requantized: bool  # a source's blocks did not survive the channel order: made anew
+
+
+@dataclass
+class QuantWeights:
+    layers: list[QuantLayer]
+    head: QuantWeight  # the LM head, read at q8 by every quantized shape
+    source: str  # "gguf" (the file's own blocks where they survive) or the quantize method
+
+    def nbytes(self, precision: str) -> int:
+        """Bytes of the planes a read at `precision` touches, the LM head included."""
+        ws = [w for lw in self.layers for w in (lw.qkv, lw.o, lw.gate, lw.up, lw.down)]
+        return sum(w.nbytes(precision) for w in ws) + self.head.nbytes("q8")
+
+
+def _group_order(channels: torch.Tensor) -> torch.Tensor | None:
+    """The order of whole 32-column groups that `channels` is, or None if it splits a group."""
+    if channels.numel() % QGROUP:
+        return None
+    runs = channels.view(-1, QGROUP)
+    starts = runs[:, 0]
+    if (starts % QGROUP).any() or not torch.equal(runs - starts[:, None], _arange_like(runs)):
+        return None
+    return starts // QGROUP
+
+
+def _arange_like(runs: torch.Tensor) -> torch.Tensor:
+    return torch.arange(runs.shape[1]).expand_as(runs)
+
+
+def quantized_weights(
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    pack: Pack,
+    source: dict[str, QuantWeight] | None = None,
+    method: str = "minmax",
+) -> QuantWeights:
+    """The serving layout of `pack` as q8/q4 planes, from HF-named fp32 weights (call before
+    `serving_weights`, which frees them). `source`: a GGUF's own quantized blocks by HF name
+    (quant.gguf_linears); a weight found there is taken as it is, permuted by rows or whole
+    groups, and only a weight whose blocks a channel permutation splits is quantized anew."""
+    source = source or {}
+    hd = config.head_dim
+
+    def own(name: str, rows: torch.Tensor | None = None) -> QuantWeight:
+        if name in source:
+            q = source[name]
+            return take_rows(q, rows) if rows is not None else q
+        w = state[name].float()
+        return quantize(w[rows] if rows is not None else w, method)
+
+    layers = []
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        heads, chans = pack.head_order[i], pack.mlp_order[i]
+        head_rows = (heads[:, None] * hd + torch.arange(hd)).flatten()
+        qkv = cat_rows(
+            [
+                own(p + "self_attn.v_proj.weight"),
+                own(p + "self_attn.k_proj.weight"),
+                own(p + "self_attn.q_proj.weight", head_rows),
+            ]
+        )
+        o_name = p + "self_attn.o_proj.weight"
+        o_groups = _group_order(head_rows)
+        if o_name in source and o_groups is not None:
+            o = take_groups(source[o_name], o_groups)
+        else:
+            o = quantize(state[o_name].float()[:, head_rows], method)
+        down_name = p + "mlp.down_proj.weight"
+        down_groups = _group_order(chans)
+        if down_name in source and down_groups is not None:
+            down = take_groups(source[down_name], down_groups)
+        else:
+            down = quantize(state[down_name].float()[:, chans], method)
+        requantized = down_name in source and down_groups is None
+        layers.append(
+            QuantLayer(
+                qkv=qkv,
+                o=o,
+                gate=own(p + "mlp.gate_proj.weight", chans),
+                up=own(p + "mlp.up_proj.weight", chans),
+                down=down,
+                down_requantized=requantized,
+            )
+        )
+    head_name = "lm_head.weight"
+    if config.tie_word_embeddings or head_name not in state:
+        head_name = "model.embed_tokens.weight"
+    return QuantWeights(layers, own(head_name), "gguf" if source else method)

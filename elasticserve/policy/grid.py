@@ -23,7 +23,7 @@ class Grid:
         else:
             self.by_quality = sorted(specs, key=lambda s: (-s.weight_fraction, s.id))
         self.rank = {s.id: i for i, s in enumerate(self.by_quality)}
-        self.full = max(specs, key=lambda s: (s.shape.depth, s.shape.width))
+        self.full = max(specs, key=lambda s: (s.shape.depth, s.shape.width, s.shape.bits))
         self.smallest = min(specs, key=lambda s: (s.weight_fraction, s.id))
         self._by_shape = {s.shape: s for s in specs}
         self._fits: dict[tuple[Any, ...], int] = {}
@@ -32,7 +32,8 @@ class Grid:
         return self.specs[shape_id]
 
     def envelope(self, shape_ids: Sequence[int]) -> ShapeSpec:
-        """The grid shape a step of these shapes costs like (the grid is depths x widths)."""
+        """The grid shape a step of these shapes costs like (the grid is depths x widths x
+        precisions)."""
         shape = envelope(self.specs[i].shape for i in shape_ids)
         return self._by_shape.get(shape) or self.full
 
@@ -43,7 +44,8 @@ class Grid:
         return (view.min_shape_id, view.layers if view.has_kv else None)
 
     def fit(self, view: RequestView, cap: ShapeSpec) -> int:
-        """The best-quality shape for `view` under `cap`, honouring pin, min_shape and KV depth."""
+        """The best-quality shape for `view` under `cap` (no deeper, wider or more bytes per
+        weight), honouring pin, min_shape and KV depth."""
         if view.pinned:
             return view.shape_id
         key = (cap.id, *self.kind(view))
@@ -53,15 +55,21 @@ class Grid:
 
     def _fit(self, view: RequestView, cap: ShapeSpec) -> int:
         floor = self.specs[view.min_shape_id].shape if view.min_shape_id is not None else None
-        depth, width = cap.shape.depth, cap.shape.width
+        depth, width, bits = cap.shape.depth, cap.shape.width, cap.shape.bits
         if floor is not None:  # a floor above the cap lifts the cap for this request only
             depth, width = max(depth, floor.depth), max(width, floor.width)
+            bits = max(bits, floor.bits)
         held = set(view.layers) if view.has_kv else None
 
         def allowed(s: ShapeSpec) -> bool:
-            if floor is not None and (s.shape.depth < floor.depth or s.shape.width < floor.width):
+            if floor is not None and (
+                s.shape.depth < floor.depth
+                or s.shape.width < floor.width
+                or s.shape.bits < floor.bits
+            ):
                 return False
-            return s.shape.width <= width and (held is None or set(s.layers) <= held)
+            fits = s.shape.width <= width and s.shape.bits <= bits
+            return fits and (held is None or set(s.layers) <= held)
 
         under = (s for s in self.by_quality if allowed(s) and s.shape.depth <= depth)
         # no depth under the cap keeps a subset of the held layers: keep them, follow the width

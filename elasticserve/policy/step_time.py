@@ -46,9 +46,11 @@ class StepLoad:
 
 
 def envelope(shapes: Iterable[Shape]) -> Shape:
-    """The deepest depth and widest width among `shapes`: what a step of them costs."""
+    """The deepest depth, widest width and most bytes per weight among `shapes`: about what a
+    step of them costs (a step of two precisions reads both copies: a little more)."""
     shapes = list(shapes)
-    return Shape(max(s.depth for s in shapes), max(s.width for s in shapes))
+    precision = max((s.precision for s in shapes), key=lambda p: Shape(1, 1.0, p).bits)
+    return Shape(max(s.depth for s in shapes), max(s.width for s in shapes), precision)
 
 
 def attn_pairs(new_tokens: int, cached: int) -> float:

@@ -81,6 +81,7 @@ def _load_engine(
         max_model_len=args.max_model_len,
         name=args.served_model_name,
         cpu_kernels=args.cpu_kernels,
+        precisions=args.precisions,
     )
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     if args.policy == "slo" and slo == SLO():

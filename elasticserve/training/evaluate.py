@@ -27,23 +27,56 @@ def windows(token_ids: list[int], window: int) -> list[list[int]]:
     return [w for w in out if len(w) >= 2]
 
 
+BLOCK = 16  # cache block size of the native path's scratch cache
+
+
+def _native_logits(
+    bundle: ModelBundle, spec: ShapeSpec, batch: list[list[int]]
+) -> tuple[torch.Tensor, list[slice]] | None:
+    """The windows' logits through the native step (what serving runs: quantized shapes only
+    run there), on a scratch paged cache; None where the native step does not serve `spec`."""
+    native = bundle.native
+    if native is None:
+        return None
+    cfg = bundle.config
+    chunks, next_block = [], 0
+    for w in batch:
+        blocks = -(-len(w) // BLOCK)
+        tables = [
+            list(range(next_block + i * blocks, next_block + (i + 1) * blocks))
+            for i in range(len(spec.layers))
+        ]
+        next_block += blocks * len(spec.layers)
+        chunks.append(SeqChunk(spec, w, block_table=tables, logits="all"))
+    if not native.supports(chunks):
+        return None
+    cache = torch.zeros(next_block * BLOCK, 2, cfg.num_kv_heads, cfg.head_dim)
+    return native.forward(chunks, cache, BLOCK)
+
+
 @torch.inference_mode()
 def _window_nll(bundle: ModelBundle, spec: ShapeSpec, batch: list[list[int]]) -> float:
     """Summed next-token negative log-likelihood of a batch of windows."""
     cfg = bundle.config
-    chunks = [SeqChunk(spec, w, logits="all") for w in batch]
-    step = build_step(
-        chunks,
-        cfg.num_layers,
-        cfg.head_dim,
-        2 * cfg.kv_size,
-        16,
-        bundle.biases,
-        bundle.model.device,
-    )
-    logits = bundle.model.forward(step)  # [sum of window lengths, V] fp32
+    native = _native_logits(bundle, spec, batch)
+    if native is not None:
+        logits, slices = native
+    elif spec.shape.precision:
+        raise ValueError(f"{spec.name}: q8/q4 shapes are evaluated in the native CPU kernels")
+    else:
+        chunks = [SeqChunk(spec, w, logits="all") for w in batch]
+        step = build_step(
+            chunks,
+            cfg.num_layers,
+            cfg.head_dim,
+            2 * cfg.kv_size,
+            16,
+            bundle.biases,
+            bundle.model.device,
+        )
+        logits, slices = bundle.model.forward(step), step.logit_slices  # [tokens, V] fp32
     total = 0.0
-    for w, rows in zip(batch, step.logit_slices, strict=True):
+    for w, rows in zip(batch, slices, strict=True):
         target = torch.tensor(w[1:], device=logits.device)
         total += F.cross_entropy(logits[rows][:-1], target, reduction="sum").item()
     return total

@@ -39,7 +39,10 @@ class Tables:
 
     def table(self, spec, tokens: int) -> list[list[int]]:
         need = -(-tokens // BLOCK)
-        out = [list(range(self.next + i * need, self.next + (i + 1) * need)) for i in spec.layers]
+        out = [
+            list(range(self.next + i * need, self.next + (i + 1) * need))
+            for i in range(len(spec.layers))
+        ]
         self.next += need * len(spec.layers)
         return out
 

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-SOURCES = ("linear.cpp", "ops.cpp", "forward.cpp", "bindings.cpp")
-HEADERS = ("linear.h", "ops.h", "forward.h")
+SOURCES = ("linear.cpp", "qlinear.cpp", "ops.cpp", "forward.cpp", "bindings.cpp")
+HEADERS = ("linear.h", "qlinear.h", "ops.h", "forward.h")
 CSRC = Path(__file__).parent / "csrc"
 FLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
 

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -10,6 +11,7 @@
 #include "forward.h"
 #include "linear.h"
 #include "ops.h"
+#include "qlinear.h"
 
 namespace {
 
@@ -84,6 +86,58 @@ void linear(const at::Tensor& w, const at::Tensor& x, const at::Tensor& bands, i
                                           accumulate);
 }
 
+// A quantized weight from its planes (model/quant.py's QuantWeight): hi, lo (or None), scale,
+// minimum; [rows, cols] with cols = 32 * scale's columns.
+es::QMat as_qmat(const at::Tensor& hi, const std::optional<at::Tensor>& lo, const at::Tensor& scale,
+                 const at::Tensor& minimum, bool q4_reads_lo, const std::string& name) {
+  require(scale.dim() == 2, name + ": scale must be [rows, groups]");
+  const int64_t rows = scale.size(0), groups = scale.size(1);
+  const int64_t ld = (groups + 1) / 2 * es::QGROUP;
+  auto plane = [&](const at::Tensor& t, const std::string& what) {
+    require(t.device().is_cpu() && t.scalar_type() == at::kByte && t.is_contiguous() &&
+                t.dim() == 2 && t.size(0) == rows && t.size(1) == ld,
+            name + ": " + what + " must be a contiguous uint8 [" + std::to_string(rows) + ", " +
+                std::to_string(ld) + "] plane");
+    return t.data_ptr<uint8_t>();
+  };
+  es::QMat q;
+  q.rows = rows, q.groups = groups, q.cols = groups * es::QGROUP, q.ld = ld;
+  q.hi = plane(hi, "hi");
+  q.lo = lo.has_value() ? plane(*lo, "lo") : nullptr;
+  q.scale = f32(scale, rows * groups, name + ": scale");
+  q.minimum = f32(minimum, rows * groups, name + ": minimum");
+  q.q4_reads_lo = q4_reads_lo && q.lo != nullptr;
+  return q;
+}
+
+// y [M, N] (=|+=) x [M, K] (fp32, quantized here per group of 32) against a q8/q4 weight.
+void qlinear(const at::Tensor& hi, const std::optional<at::Tensor>& lo, const at::Tensor& scale,
+             const at::Tensor& minimum, const at::Tensor& x, const at::Tensor& bands,
+             int64_t flavour, at::Tensor& y, bool q8, bool accumulate, bool simd, int64_t threads,
+             bool q4_reads_lo) {
+  const es::QMat w = as_qmat(hi, lo, scale, minimum, q4_reads_lo, "w");
+  require(flavour == 0 || flavour == 1, "flavour: 0 (output prefix) or 1 (input prefix)");
+  const auto fl = static_cast<es::Flavour>(flavour);
+  const std::vector<es::Band> b = as_bands(bands);
+  require(!b.empty(), "bands: at least one band is needed");
+  require(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1, "x: [M, K] fp32");
+  require(y.scalar_type() == at::kFloat && y.dim() == 2 && y.stride(1) == 1, "y: [M, N] fp32");
+  const int64_t rows = b.back().row_end;
+  const int64_t k_need = fl == es::Flavour::OUT_PREFIX ? w.cols : b.front().width;
+  const int64_t n_need = fl == es::Flavour::OUT_PREFIX ? b.front().width : w.rows;
+  require(x.size(0) >= rows && y.size(0) >= rows, "x and y need the bands' rows");
+  require(x.size(1) >= k_need, "x: too few columns for the bands");
+  require(y.size(1) >= n_need, "y: too few columns for the bands");
+  require(k_need % es::QGROUP == 0, "the bands' input width must be whole groups of 32");
+  require(!simd || es::cpu_supported(), "this CPU lacks AVX2/FMA/F16C");
+  pybind11::gil_scoped_release release;
+  if (threads > 0) omp_set_num_threads(int(threads));
+  es::QuantX qx;
+  es::quantize_x(x.data_ptr<float>(), x.stride(0), rows, k_need / es::QGROUP, qx);
+  (simd ? es::qlinear : es::qlinear_scalar)(w, q8, qx, b.data(), int(b.size()), fl,
+                                            y.data_ptr<float>(), y.stride(0), accumulate);
+}
+
 // Sum of a float32 tensor on `threads` threads: the read-bandwidth probe of the benchmarks.
 double read_probe(const at::Tensor& x, int64_t threads) {
   const float* p = f32(x, x.numel(), "x");
@@ -98,7 +152,8 @@ class NativeModel {
   NativeModel(std::vector<int64_t> dims, double eps, std::vector<std::vector<at::Tensor>> layers,
               at::Tensor final_norm, at::Tensor embed, at::Tensor head, at::Tensor cos,
               at::Tensor sin, std::vector<at::Tensor> shape_tables, at::Tensor bias_o,
-              at::Tensor bias_down) {
+              at::Tensor bias_down, std::vector<std::vector<pybind11::object>> quant_layers,
+              pybind11::object quant_head) {
     require(es::cpu_supported(), "the native decoder needs AVX2, FMA and F16C");
     require(dims.size() == 7, "dims: hidden, heads, kv_heads, head_dim, intermediate, vocab, layers");
     es::Model& m = model_;
@@ -139,7 +194,7 @@ class NativeModel {
     m.max_pos = cos.size(0);
     m.cos = f32(keep(cos), cos.numel(), "cos");
     m.sin = f32(keep(sin), sin.numel(), "sin");
-    require(shape_tables.size() == 4, "shape_tables: kept, heads, mlp, bias");
+    require(shape_tables.size() == 5, "shape_tables: kept, heads, mlp, bias, precision");
     const int64_t S = shape_tables[0].numel() / m.num_layers;
     require(S > 0 && S * m.num_layers == shape_tables[0].numel(), "shape tables: [S, layers]");
     m.shapes.num_shapes = int32_t(S);
@@ -147,6 +202,7 @@ class NativeModel {
     for (int i = 0; i < 4; ++i)
       tab[i] = ints<int32_t>(keep(shape_tables[i]), at::kInt, S * m.num_layers, "shape table");
     m.shapes.kept = tab[0], m.shapes.heads = tab[1], m.shapes.mlp = tab[2], m.shapes.bias = tab[3];
+    m.shapes.precision = ints<int32_t>(keep(shape_tables[4]), at::kInt, S, "precision table");
     m.num_bias = int32_t(bias_o.numel() / std::max<int64_t>(H, 1));
     m.bias_o = m.num_bias ? f32(keep(bias_o), int64_t(m.num_bias) * H, "bias_o") : nullptr;
     m.bias_down = m.num_bias ? f32(keep(bias_down), int64_t(m.num_bias) * H, "bias_down") : nullptr;
@@ -156,7 +212,53 @@ class NativeModel {
       require(tab[2][i] >= 0 && tab[2][i] <= m.intermediate, "shape tables: MLP width too large");
       require(tab[3][i] >= -1 && tab[3][i] < m.num_bias, "shape tables: bias row out of range");
     }
+    bool quantized = false;
+    for (int64_t i = 0; i < S; ++i) {
+      const int32_t p = m.shapes.precision[i];
+      require(p >= 0 && p <= 2, "precision table: 0 (dense), 1 (q8) or 2 (q4)");
+      if (p == 0) continue;
+      quantized = true;
+      for (int64_t l = 0; l < m.num_layers; ++l) {
+        const int64_t at = i * m.num_layers + l;
+        require(tab[1][at] * hd % es::QGROUP == 0 && tab[2][at] % es::QGROUP == 0,
+                "shape tables: a quantized shape's kept heads and channels must be whole "
+                "groups of 32 input features");
+      }
+    }
+    require(!quantized || H % es::QGROUP == 0, "quantized shapes need a hidden size that is a "
+                                                "multiple of 32");
+    if (quantized) {
+      require(int64_t(quant_layers.size()) == m.num_layers, "quant_layers: one entry per layer");
+      for (int64_t l = 0; l < m.num_layers; ++l) {
+        const auto& q = quant_layers[size_t(l)];
+        const std::string p = "layer " + std::to_string(l) + " ";
+        require(q.size() == 5, p + "needs quantized qkv, o, gate, up, down");
+        es::LayerWeights& w = m.layers[size_t(l)];
+        w.qqkv = qmat(q[0], qkv_rows, H, p + "qkv");
+        w.qo = qmat(q[1], H, m.num_heads * hd, p + "o");
+        w.qgate = qmat(q[2], I, H, p + "gate");
+        w.qup = qmat(q[3], I, H, p + "up");
+        w.qdown = qmat(q[4], H, I, p + "down");
+      }
+      m.qhead = qmat(quant_head, m.vocab, H, "head");
+    }
     forward_ = std::make_unique<es::Forward>(model_);
+  }
+
+  // (hi, lo or None, scale, minimum, q4_reads_lo) -> QMat of the given dimensions
+  es::QMat qmat(const pybind11::object& t, int64_t rows, int64_t cols, const std::string& name) {
+    const auto parts = t.cast<pybind11::tuple>();
+    require(parts.size() == 5, name + ": (hi, lo, scale, minimum, q4_reads_lo)");
+    std::optional<at::Tensor> lo;
+    if (!parts[1].is_none()) lo = parts[1].cast<at::Tensor>();
+    const at::Tensor hi = parts[0].cast<at::Tensor>(), scale = parts[2].cast<at::Tensor>();
+    const at::Tensor minimum = parts[3].cast<at::Tensor>();
+    for (const at::Tensor& t : {hi, scale, minimum}) held_.push_back(t);  // kept alive
+    if (lo) held_.push_back(*lo);
+    const es::QMat q = as_qmat(hi, lo, scale, minimum, parts[4].cast<bool>(), name);
+    require(q.rows == rows && q.cols == cols, name + ": expected [" + std::to_string(rows) + ", " +
+                                                  std::to_string(cols) + "] quantized");
+    return q;
   }
 
   at::Tensor forward(const at::Tensor& tokens, const at::Tensor& positions,
@@ -204,12 +306,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("bands"), pybind11::arg("flavour"), pybind11::arg("y"),
           pybind11::arg("accumulate") = false, pybind11::arg("simd") = true,
           pybind11::arg("threads") = 0);
+  mod.def("qlinear", &qlinear, "band linear on a q8/q4 weight", pybind11::arg("hi"),
+          pybind11::arg("lo"), pybind11::arg("scale"), pybind11::arg("minimum"), pybind11::arg("x"),
+          pybind11::arg("bands"), pybind11::arg("flavour"), pybind11::arg("y"),
+          pybind11::arg("q8"), pybind11::arg("accumulate") = false, pybind11::arg("simd") = true,
+          pybind11::arg("threads") = 0, pybind11::arg("q4_reads_lo") = false);
   mod.def("read", &read_probe, "sum of a float32 tensor (read-bandwidth probe)", pybind11::arg("x"),
           pybind11::arg("threads") = 0);
   pybind11::class_<NativeModel>(mod, "NativeModel")
       .def(pybind11::init<std::vector<int64_t>, double, std::vector<std::vector<at::Tensor>>,
                           at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                          std::vector<at::Tensor>, at::Tensor, at::Tensor>())
+                          std::vector<at::Tensor>, at::Tensor, at::Tensor,
+                          std::vector<std::vector<pybind11::object>>, pybind11::object>())
       .def("forward", &NativeModel::forward, "one decoder step", pybind11::arg("tokens"),
            pybind11::arg("positions"), pybind11::arg("row_shape"), pybind11::arg("row_seq"),
            pybind11::arg("blocks"), pybind11::arg("logit_rows"), pybind11::arg("cache"),

@@ -40,6 +40,53 @@ void make_bands(const std::vector<int32_t>& widths, std::vector<Band>& bands, co
 
 std::string at_row(int64_t r) { return " at row " + std::to_string(r); }
 
+// A layer's rows of one precision: [start, end) of its active rows, with their bands.
+struct Run {
+  int32_t start, end;
+  Precision precision;
+  std::vector<Band> qkv, attn, mlp;
+};
+
+// Splits a layer's active rows into runs of one precision (each precision once: the rows come
+// sorted by it) and makes each run's bands.
+void make_runs(const std::vector<Precision>& precision, const std::vector<int32_t>& qkv_w,
+               const std::vector<int32_t>& attn_w, const std::vector<int32_t>& mlp_w,
+               std::vector<Run>& runs) {
+  runs.clear();
+  for (size_t r = 0; r < precision.size(); ++r) {
+    if (!runs.empty() && runs.back().precision == precision[r]) {
+      runs.back().end = int32_t(r + 1);
+      continue;
+    }
+    for (const Run& run : runs)
+      if (run.precision == precision[r])
+        throw std::invalid_argument("step rows are not sorted by precision" + at_row(int64_t(r)));
+    runs.push_back({int32_t(r), int32_t(r + 1), precision[r], {}, {}, {}});
+  }
+  for (Run& run : runs) {
+    auto slice = [&](const std::vector<int32_t>& w) {
+      return std::vector<int32_t>(w.begin() + run.start, w.begin() + run.end);
+    };
+    make_bands(slice(qkv_w), run.qkv, "head");
+    make_bands(slice(attn_w), run.attn, "head");
+    make_bands(slice(mlp_w), run.mlp, "MLP");
+  }
+}
+
+// One linear of a run: the dense kernel or the quantized one on x quantized here (`qx` is
+// reused when `quantized` says the run's x is already in it).
+void run_linear(const Run& run, const Mat& dense, const QMat& quant, const float* x, int64_t ldx,
+                int64_t k, const std::vector<Band>& bands, Flavour flavour, float* y, int64_t ldy,
+                bool accumulate, QuantX& qx, bool quantized) {
+  const float* xr = x + int64_t(run.start) * ldx;
+  float* yr = y + int64_t(run.start) * ldy;
+  if (run.precision == Precision::DENSE)
+    return linear(dense, xr, ldx, bands.data(), int(bands.size()), flavour, yr, ldy, accumulate);
+  if (!quantized) quantize_x(xr, ldx, run.end - run.start, k / QGROUP, qx);
+  qlinear(quant, run.precision == Precision::Q8, qx, bands.data(), int(bands.size()), flavour, yr,
+          ldy, accumulate);
+}
+
 }  // namespace
 
 void check_step(const Model& m, const Step& s) {
@@ -115,11 +162,12 @@ void Forward::run(const Step& s, float* logits, int threads) {
   for (int64_t r = 0; r < T; ++r) embed_row(m.embed, s.tokens[r], x_.data() + r * H);
 
   std::vector<int32_t> qkv_w, attn_w, mlp_w, bias_row;
-  std::vector<Band> qkv_b, attn_b, mlp_b;
+  std::vector<Precision> row_precision;
+  std::vector<Run> runs;
   for (int64_t l = 0; l < L; ++l) {
     const LayerWeights& w = m.layers[size_t(l)];
     active_.clear();
-    qkv_w.clear(), attn_w.clear(), mlp_w.clear(), bias_row.clear();
+    qkv_w.clear(), attn_w.clear(), mlp_w.clear(), bias_row.clear(), row_precision.clear();
     for (int64_t r = 0; r < T; ++r) {
       const int64_t at = int64_t(s.row_shape[r]) * L + l;
       if (!m.shapes.kept[at]) continue;
@@ -128,6 +176,7 @@ void Forward::run(const Step& s, float* logits, int threads) {
       qkv_w.push_back(int32_t(2 * kv_rows) + attn_w.back());
       mlp_w.push_back(m.shapes.mlp[at]);
       bias_row.push_back(m.shapes.bias[at]);
+      row_precision.push_back(Precision(m.shapes.precision[s.row_shape[r]]));
     }
     if (active_.empty()) continue;
     const int64_t n = int64_t(active_.size());
@@ -137,14 +186,13 @@ void Forward::run(const Step& s, float* logits, int threads) {
     if (!all)
       for (int64_t i = 0; i < n; ++i)
         std::memcpy(x + i * H, x_.data() + active_[i] * H, H * sizeof(float));
-    make_bands(qkv_w, qkv_b, "head");
-    make_bands(attn_w, attn_b, "head");
-    make_bands(mlp_w, mlp_b, "MLP");
+    make_runs(row_precision, qkv_w, attn_w, mlp_w, runs);
 
 #pragma omp parallel for if (par)
     for (int64_t i = 0; i < n; ++i) rms_norm(x + i * H, w.attn_norm, h_.data() + i * H, H, m.eps);
-    linear(w.qkv, h_.data(), H, qkv_b.data(), int(qkv_b.size()), Flavour::OUT_PREFIX,
-           qkv_.data(), ldq, false);
+    for (const Run& run : runs)
+      run_linear(run, w.qkv, w.qqkv, h_.data(), H, H, run.qkv, Flavour::OUT_PREFIX, qkv_.data(),
+                 ldq, false, qx_, false);
 
 #pragma omp parallel for if (par)
     for (int64_t i = 0; i < n; ++i) {
@@ -171,22 +219,26 @@ void Forward::run(const Step& s, float* logits, int threads) {
              kv_rows + g * hd, g * hd, table, s.block_size, s.positions[r] + 1, int(hd), scale,
              sc, attn_.data() + i * lda + g * hd, kv * hd);
     }
-    linear(w.o, attn_.data(), lda, attn_b.data(), int(attn_b.size()), Flavour::IN_PREFIX, x, H,
-           true);
+    for (const Run& run : runs)
+      run_linear(run, w.o, w.qo, attn_.data(), lda, run.attn[0].width, run.attn,
+                 Flavour::IN_PREFIX, x, H, true, qx_, false);
     for (int64_t i = 0; i < n; ++i)
       if (bias_row[i] >= 0)
         for (int64_t c = 0; c < H; ++c) x[i * H + c] += m.bias_o[bias_row[i] * H + c];
 
 #pragma omp parallel for if (par)
     for (int64_t i = 0; i < n; ++i) rms_norm(x + i * H, w.mlp_norm, h_.data() + i * H, H, m.eps);
-    linear(w.gate, h_.data(), H, mlp_b.data(), int(mlp_b.size()), Flavour::OUT_PREFIX,
-           gate_.data(), I, false);
-    linear(w.up, h_.data(), H, mlp_b.data(), int(mlp_b.size()), Flavour::OUT_PREFIX, up_.data(),
-           I, false);
+    for (const Run& run : runs) {  // gate and up read the same quantized x
+      run_linear(run, w.gate, w.qgate, h_.data(), H, H, run.mlp, Flavour::OUT_PREFIX,
+                 gate_.data(), I, false, qx_, false);
+      run_linear(run, w.up, w.qup, h_.data(), H, H, run.mlp, Flavour::OUT_PREFIX, up_.data(), I,
+                 false, qx_, true);
+    }
 #pragma omp parallel for if (par)
     for (int64_t i = 0; i < n; ++i) silu_mul(gate_.data() + i * I, up_.data() + i * I, mlp_w[i]);
-    linear(w.down, gate_.data(), I, mlp_b.data(), int(mlp_b.size()), Flavour::IN_PREFIX, x, H,
-           true);
+    for (const Run& run : runs)
+      run_linear(run, w.down, w.qdown, gate_.data(), I, run.mlp[0].width, run.mlp,
+                 Flavour::IN_PREFIX, x, H, true, qx_, false);
     for (int64_t i = 0; i < n; ++i)
       if (bias_row[i] >= 0)
         for (int64_t c = 0; c < H; ++c) x[i * H + c] += m.bias_down[bias_row[i] * H + c];
@@ -199,8 +251,24 @@ void Forward::run(const Step& s, float* logits, int threads) {
   for (int64_t i = 0; i < s.num_logits; ++i)
     rms_norm(x_.data() + s.logit_rows[i] * H, m.final_norm, h_.data() + i * H, H, m.eps);
   if (s.num_logits == 0) return;
-  const Band all_rows{int32_t(s.num_logits), int32_t(m.vocab)};
-  linear(m.head, h_.data(), H, &all_rows, 1, Flavour::OUT_PREFIX, logits, m.vocab, false);
+  // the LM head: dense for the rows of dense shapes, q8 for the others (logit rows keep the
+  // rows' precision order)
+  for (int64_t i0 = 0; i0 < s.num_logits;) {
+    const auto p = [&](int64_t i) { return Precision(m.shapes.precision[s.row_shape[s.logit_rows[i]]]); };
+    const bool dense = p(i0) == Precision::DENSE;
+    int64_t i1 = i0 + 1;
+    while (i1 < s.num_logits && (p(i1) == Precision::DENSE) == dense) ++i1;
+    const Band rows{int32_t(i1 - i0), int32_t(m.vocab)};
+    if (dense) {
+      linear(m.head, h_.data() + i0 * H, H, &rows, 1, Flavour::OUT_PREFIX, logits + i0 * m.vocab,
+             m.vocab, false);
+    } else {
+      quantize_x(h_.data() + i0 * H, H, i1 - i0, H / QGROUP, qx_);
+      qlinear(m.qhead, true, qx_, &rows, 1, Flavour::OUT_PREFIX, logits + i0 * m.vocab, m.vocab,
+              false);
+    }
+    i0 = i1;
+  }
 }
 
 }  // namespace es

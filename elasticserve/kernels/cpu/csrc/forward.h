@@ -1,7 +1,8 @@
 // One decoder step for any mix of shapes, natively: embedding -> every layer -> LM head.
 //
-// The step's rows come sorted so that in every layer the rows that run it keep non-increasing
-// head and MLP widths (the Python side sorts by width ratio, as model/step_plan.py does). Each
+// The step's rows come sorted by precision (dense, q8, q4) and, within one, so that in every
+// layer the rows that run it keep non-increasing head and MLP widths (model/step_plan.py's
+// step_order). Each precision's rows read their own copy of the weights once. Each
 // layer gathers the rows whose shape keeps it, runs the elastic linears on prefix bands, writes
 // the rows' new V/K into the paged cache, then attends over it.
 #pragma once
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "linear.h"
+#include "qlinear.h"
 
 namespace es {
 
@@ -22,6 +24,8 @@ struct LayerWeights {
   const float* mlp_norm;   // [H]
   Mat gate, up;            // [I, H]
   Mat down;                // [H, I]
+  // the same linears quantized (model/quant.py), or hi == null where the model has no q8/q4
+  QMat qqkv, qo, qgate, qup, qdown;
 };
 
 struct ShapeTables {  // [num_shapes * num_layers] each, row-major by shape
@@ -30,6 +34,7 @@ struct ShapeTables {  // [num_shapes * num_layers] each, row-major by shape
   const int32_t* heads = nullptr;  // query heads kept
   const int32_t* mlp = nullptr;    // MLP channels kept
   const int32_t* bias = nullptr;   // row of the bias-compensation tables, or -1
+  const int32_t* precision = nullptr;  // [num_shapes] Precision of each shape's linears
 };
 
 struct Model {
@@ -38,6 +43,7 @@ struct Model {
   std::vector<LayerWeights> layers;
   const float* final_norm;    // [H]
   Mat embed, head;            // [V, H]
+  QMat qhead;                 // the LM head in q8 for the rows of quantized shapes
   const float *cos, *sin;     // [max_pos, hd] fp32
   int64_t max_pos;
   ShapeTables shapes;
@@ -75,7 +81,7 @@ class Forward {
   std::mutex mutex_;  // one step at a time: the work buffers below are shared
   std::vector<float> x_, xl_, h_, qkv_, attn_, gate_, up_, scores_;
   std::vector<int32_t> active_;
-  std::vector<Band> bands_;
+  QuantX qx_;
 };
 
 }  // namespace es

@@ -19,17 +19,22 @@ constexpr int NR = 4;  // weight rows per register tile: MR * NR accumulators, N
 // halves apart) hide the FMA latency that bounds a one-row dot product
 constexpr int NR1 = 6;
 
-struct Block {  // weight rows [n0, n0 + nr) against x rows [0, rows)
-  int32_t n0, nr, rows;
-};
+// Per-thread fp32 copy of one bf16 weight panel, reused by every x tile of a block.
+float* thread_scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
 
-std::vector<Block> make_blocks(const Mat& w, const Band* bands, int nb, Flavour flavour,
+}  // namespace
+
+std::vector<Block> make_blocks(int64_t w_rows, const Band* bands, int nb, Flavour flavour,
                                int32_t nr) {
   std::vector<Block> blocks;
   if (flavour == Flavour::IN_PREFIX) {
     const int32_t rows = bands[nb - 1].row_end;
-    for (int64_t n0 = 0; n0 < w.rows; n0 += nr)
-      blocks.push_back({int32_t(n0), int32_t(std::min<int64_t>(nr, w.rows - n0)), rows});
+    for (int64_t n0 = 0; n0 < w_rows; n0 += nr)
+      blocks.push_back({int32_t(n0), int32_t(std::min<int64_t>(nr, w_rows - n0)), rows});
     return blocks;
   }
   // output n is kept by rows [0, row_end of the narrowest band wider than n)
@@ -42,15 +47,6 @@ std::vector<Block> make_blocks(const Mat& w, const Band* bands, int nb, Flavour 
   }
   return blocks;
 }
-
-// Per-thread fp32 copy of one bf16 weight panel, reused by every x tile of a block.
-float* thread_scratch(size_t n) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
-
-}  // namespace
 
 void check_bands(const Mat& w, const Band* bands, int nb, Flavour flavour) {
   if (nb < 1) throw std::invalid_argument("bands: at least one band is needed");
@@ -124,7 +120,7 @@ void linear(const Mat& w, const float* x, int64_t ldx, const Band* bands, int nb
   check_bands(w, bands, nb, flavour);
   const int32_t rows = bands[nb - 1].row_end;
   const bool one_bf16_row = w.dtype == DType::BF16 && rows == 1;
-  const std::vector<Block> blocks = make_blocks(w, bands, nb, flavour, one_bf16_row ? NR1 : NR);
+  const std::vector<Block> blocks = make_blocks(w.rows, bands, nb, flavour, one_bf16_row ? NR1 : NR);
   const int64_t n = int64_t(blocks.size());
   if (n == 0) return;
   const int64_t k_full = flavour == Flavour::OUT_PREFIX ? w.cols : bands[0].width;

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace es {
 
@@ -24,6 +25,14 @@ struct Band {  // rows [previous row_end, row_end) keep `width` features; widths
 };
 
 enum class Flavour : int32_t { OUT_PREFIX = 0, IN_PREFIX = 1 };
+
+struct Block {  // weight rows [n0, n0 + nr) against x rows [0, rows)
+  int32_t n0, nr, rows;
+};
+
+// The work items of one call: blocks of `nr` weight rows, each with the x rows that keep them.
+std::vector<Block> make_blocks(int64_t w_rows, const Band* bands, int nbands, Flavour flavour,
+                               int32_t nr);
 
 // y[r, n] (=|+=) sum_k x[r, k] * w[n, k] over the prefix each band keeps.
 // OUT_PREFIX: n < width(r), k < w.cols; columns of y past a row's width are left untouched.

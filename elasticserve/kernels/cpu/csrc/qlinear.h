@@ -1,0 +1,55 @@
+// Elastic linears on q8 / q4 weights: nested nibble planes read in registers, int8 activations.
+//
+// A weight [N, K] is stored group-wise along K (groups of 32 columns) as an 8-bit code
+// u = 16 c + e split into two planes (model/quant.py): q4 reads the high codes c only
+// (value scale * c + minimum), q8 reads both (value scale / 16 * u + minimum - scale / 2).
+// A plane row packs the groups in pairs: byte i of pair p holds column i of group 2p in its low
+// nibble and column i of group 2p + 1 in its high one, so a K prefix of whole groups is a row
+// prefix. The x rows are quantized to int8 per group (scale = max |x| / 127, plus the group's
+// exact float sum for the minimum term), as ggml's quantized dot products do; the dot of a
+// group is exact in int32 (vpmaddubsw), eight groups are scaled at once in fp32.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "linear.h"
+
+namespace es {
+
+constexpr int64_t QGROUP = 32;
+
+enum class Precision : int32_t { DENSE = 0, Q8 = 1, Q4 = 2 };
+
+struct QMat {
+  const uint8_t* hi = nullptr;     // [rows, ld] high codes c
+  const uint8_t* lo = nullptr;     // [rows, ld] residual codes e, or null: q8 reads as q4
+  const float* scale = nullptr;    // [rows, groups] q4 step
+  const float* minimum = nullptr;  // [rows, groups] q4 offset
+  int64_t rows = 0, cols = 0, groups = 0, ld = 0;
+  bool q4_reads_lo = false;  // a q4 row reads this weight at q8 (a re-quantized weight)
+};
+
+// x rows as int8 per group: q [rows, ldq], d and s [rows, ldg] (ldg a multiple of 8, zero-padded)
+struct QuantX {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  int64_t rows = 0, groups = 0, ldq = 0, ldg = 0;
+};
+
+// Quantizes the first `groups` groups of `rows` rows of x (fp32, leading dimension ldx).
+void quantize_x(const float* x, int64_t ldx, int64_t rows, int64_t groups, QuantX& out);
+
+// y[r, n] (=|+=) sum_k x[r, k] * w[n, k] at q8 (`q8`) or q4, bands and flavours as `linear`;
+// IN_PREFIX widths must be whole groups. x comes quantized (its groups cover the bands' K).
+void qlinear(const QMat& w, bool q8, const QuantX& x, const Band* bands, int nbands,
+             Flavour flavour, float* y, int64_t ldy, bool accumulate);
+
+// The same product in scalar code (the tests' check of the SIMD kernel).
+void qlinear_scalar(const QMat& w, bool q8, const QuantX& x, const Band* bands, int nbands,
+                    Flavour flavour, float* y, int64_t ldy, bool accumulate);
+
+// Validates bands against a quantized weight and its quantized x (std::invalid_argument).
+void check_qbands(const QMat& w, const QuantX& x, const Band* bands, int nbands, Flavour flavour);
+
+}  // namespace es

@@ -1,0 +1,145 @@
+"""q8 / q4 shapes in the native decoder: the grid, mixed-precision batches, the engine, options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elasticserve.engine import kv_cache
+from elasticserve.engine.llm import LLM
+from elasticserve.engine.sampling import SamplingParams
+from elasticserve.kernels.cpu import build
+from elasticserve.model.bundle import load_bundle
+from elasticserve.model.quant import dequantize
+from elasticserve.model.step_plan import SeqChunk
+
+from ..conftest import requires_default_model
+
+pytestmark = pytest.mark.skipif(
+    build.load() is None, reason="the native CPU kernels do not build here"
+)
+BLOCK = 4
+MIXED = ["full", "full-q8", "d3-w0.75-q4", "w0.5-q4", "d4-w0.5-q8", "d5-w0.75"]
+
+
+@pytest.fixture(scope="module")
+def qbundle(tiny_quant_dir):
+    return load_bundle(tiny_quant_dir, dtype="float32", precisions="q8,q4")
+
+
+def test_grid_has_every_precision_after_the_dense_shapes(qbundle):
+    specs = qbundle.specs
+    dense = [s for s in specs if not s.shape.precision]
+    assert specs[: len(dense)] == dense  # the dense shapes keep their ids
+    for precision, bits in (("q8", 10), ("q4", 6)):
+        quantized = [s for s in specs if s.shape.precision == precision]
+        assert [(s.shape.depth, s.shape.width, s.layers) for s in quantized] == [
+            (s.shape.depth, s.shape.width, s.layers) for s in dense
+        ]
+        for q, d in zip(quantized, dense, strict=True):
+            assert q.weight_fraction == pytest.approx(d.weight_fraction * bits / 32)  # fp32 model
+    assert qbundle.spec("full-q4").name == f"d{qbundle.config.num_layers}-w1.0-q4"
+    assert qbundle.spec("full-q8").shape.precision == "q8"
+    only_q8 = load_bundle(qbundle.model_dir, dtype="float32", precisions="q8")
+    with pytest.raises(ValueError, match="precisions the model's dtype"):
+        only_q8.spec("full-q4")
+
+
+class Tables:
+    def __init__(self) -> None:
+        self.next = 0
+
+    def table(self, spec, tokens: int) -> list[list[int]]:
+        need = -(-tokens // BLOCK)
+        out = [
+            list(range(self.next + i * need, self.next + (i + 1) * need))
+            for i in range(len(spec.layers))
+        ]
+        self.next += need * len(spec.layers)
+        return out
+
+
+def _run(bundle, names, prompts, cache_rows=600):
+    """Prefill then three decode steps of `prompts` at shapes `names`, in one batch."""
+    cfg = bundle.config
+    cache = kv_cache.allocate(cfg, cache_rows, BLOCK, torch.float32, torch.device("cpu"))
+    specs = [bundle.spec(n) for n in names]
+    pool = Tables()
+    tables = [pool.table(s, len(p) + 4) for s, p in zip(specs, prompts, strict=True)]
+    out = []
+    steps = [prompts] + [[[7 + len(p) + k] for p in prompts] for k in range(3)]
+    done = [0] * len(prompts)
+    for pieces in steps:
+        chunks = [
+            SeqChunk(spec, ids, done[i], tables[i], "last")
+            for i, (spec, ids) in enumerate(zip(specs, pieces, strict=True))
+        ]
+        logits, slices = bundle.native.forward(chunks, cache, BLOCK)
+        out.append([logits[sl] for sl in slices])
+        for i, ids in enumerate(pieces):
+            done[i] += len(ids)
+    return out
+
+
+def _prompts(bundle, n):
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randint(0, bundle.config.vocab_size, (3 + 2 * i,), generator=g).tolist()
+        for i in range(n)
+    ]
+
+
+def test_mixed_precision_batch_equals_each_request_alone(qbundle):
+    prompts = _prompts(qbundle, len(MIXED))
+    together = _run(qbundle, MIXED, prompts)
+    for i, name in enumerate(MIXED):
+        alone = _run(qbundle, [name], [prompts[i]])
+        for step_all, step_one in zip(together, alone, strict=True):
+            torch.testing.assert_close(step_all[i], step_one[0], rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_logits_track_the_dense_ones(qbundle):
+    prompts = _prompts(qbundle, 1) * 3
+    steps = _run(qbundle, ["full", "full-q8", "full-q4"], prompts)
+
+    def error(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    for dense, q8, q4 in steps:  # random Gaussian weights: the worst case for a group's range
+        assert error(q8, dense) < 0.05
+        assert 4 * error(q8, dense) < error(q4, dense) < 0.3
+
+
+def test_engine_greedy_tokens_of_a_mixed_batch_equal_each_alone(tiny_quant_dir):
+    llm = LLM(tiny_quant_dir, dtype="float32", precisions="q8,q4")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = ["Hello there", "Once upon a time", "The cat", "A B C"]
+    shapes = ["full-q4", "d5-w0.75-q8", "full", "w0.5-q4"]
+    together = llm.generate(prompts, params, shape=shapes)
+    for prompt, shape, out in zip(prompts, shapes, together, strict=True):
+        alone = llm.generate(prompt, params, shape=shape)[0]
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_bad_precision_options_are_refused(tiny_quant_dir, tiny_llama_dir):
+    with pytest.raises(ValueError, match="unknown precision"):
+        load_bundle(tiny_quant_dir, dtype="float32", precisions="q3")
+    with pytest.raises(ValueError, match="native CPU kernels"):
+        load_bundle(tiny_quant_dir, dtype="float32", precisions="q4", cpu_kernels="torch")
+    with pytest.raises(ValueError, match="whole groups of 32"):  # 8-wide heads
+        load_bundle(tiny_llama_dir, dtype="float32", precisions="q4")
+
+
+@requires_default_model
+def test_default_model_q4_shape_reads_the_files_own_blocks():
+    bundle = load_bundle(None, precisions="q4")
+    quant, weights = bundle.quant, bundle.model.weights
+    assert quant is not None and quant.source == "gguf"
+    for layer in (0, len(weights.layers) - 1):
+        q, w = quant.layers[layer], weights.layers[layer]
+        for planes, dense in ((q.qkv, w.qkv), (q.gate, w.gate), (q.o, w.o_t.t())):
+            assert planes.lo is None  # Q4_1: no residual plane
+            assert torch.equal(dequantize(planes, "q4").to(dense.dtype), dense)
+        assert q.down_requantized  # the pack's channel order splits Q4_1 blocks
+    head = dequantize(quant.head, "q8").to(weights.lm_head.dtype)
+    assert torch.equal(head, weights.lm_head)  # the file's Q8_0 embedding, exactly
