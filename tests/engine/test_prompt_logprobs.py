@@ -107,6 +107,29 @@ def test_prompt_logprobs_beside_other_requests_change_nothing_of_theirs(bundle, 
     _check(done[wanted], prompt, ref)
 
 
+def test_preempted_requests_gather_each_prompt_entry_once(bundle, tokenizer):
+    prompts = [tokenizer(" ".join([TEXT + f" ({i})"] * (3 + i)))["input_ids"] for i in range(16)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=1)
+
+    def run(config: EngineConfig) -> tuple[list[RequestOutput], int]:
+        engine = LLMEngine(bundle, config)
+        ids = [engine.add_request(p, params) for p in prompts]
+        seqs = [engine.requests[i].seq for i in ids]
+        done = _finish(engine)
+        return [done[i] for i in ids], sum(s.num_preemptions for s in seqs)
+
+    tight, preemptions = run(EngineConfig(max_num_batched_tokens=64, kv_cache_memory=450_000))
+    roomy, none = run(EngineConfig(max_num_batched_tokens=64))
+    assert preemptions > 0 and none == 0
+    for out, ref, prompt in zip(tight, roomy, prompts, strict=True):
+        assert out.prompt_logprobs is not None and ref.prompt_logprobs is not None
+        assert len(out.prompt_logprobs) == len(prompt) == len(ref.prompt_logprobs)
+        for entry, expected in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:], strict=True):
+            assert entry is not None and expected is not None and entry.keys() == expected.keys()
+            for token, lp in entry.items():
+                assert lp.logprob == pytest.approx(expected[token].logprob, abs=1e-4)
+
+
 def test_logit_bias_steers_greedy_decoding_and_checks_the_vocabulary(bundle, tokenizer):
     prompt = tokenizer(TEXT)["input_ids"]
     engine = LLMEngine(bundle)
