@@ -44,9 +44,23 @@ CASES = [  # (N, K, bands, flavour)
 ]
 
 
+ISAS = ["vnni", "avx2"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """The AVX-512 VNNI kernels where the CPU has them, and the AVX2 ones everywhere."""
+    ext = build.load()
+    if request.param == "vnni" and not ext.vnni_supported():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    before = ext.use_vnni(request.param == "vnni")
+    yield request.param
+    ext.use_vnni(before)
+
+
 @pytest.mark.parametrize("precision", ["q8", "q4"])
 @pytest.mark.parametrize("case", CASES)
-def test_simd_equals_scalar_reference(case, precision):
+def test_simd_equals_scalar_reference(case, precision, isa):
     n, k, bands, flavour = case
     g = torch.Generator().manual_seed(n * k)
     q = quantize(torch.randn(n, k, generator=g))
@@ -56,7 +70,7 @@ def test_simd_equals_scalar_reference(case, precision):
 
 
 @pytest.mark.parametrize("precision", ["q8", "q4"])
-def test_matches_the_dequantized_weights(precision):
+def test_matches_the_dequantized_weights(precision, isa):
     """Only the int8 activations differ from a float product with the dequantized weights."""
     g = torch.Generator().manual_seed(3)
     q = quantize(torch.randn(96, 256, generator=g))
@@ -67,7 +81,7 @@ def test_matches_the_dequantized_weights(precision):
         assert ((got - want).norm() / want.norm()).item() < 0.02
 
 
-def test_q4_reads_both_planes_when_told_and_q8_without_a_residual_is_q4():
+def test_q4_reads_both_planes_when_told_and_q8_without_a_residual_is_q4(isa):
     g = torch.Generator().manual_seed(4)
     q = quantize(torch.randn(16, 128, generator=g))
     x = torch.randn(2, 128, generator=g)

@@ -311,6 +311,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("bands"), pybind11::arg("flavour"), pybind11::arg("y"),
           pybind11::arg("q8"), pybind11::arg("accumulate") = false, pybind11::arg("simd") = true,
           pybind11::arg("threads") = 0, pybind11::arg("q4_reads_lo") = false);
+  mod.def("vnni_supported", &es::vnni_supported, "AVX-512 VNNI present (the q8/q4 kernels use it)");
+  mod.def("use_vnni", &es::use_vnni, "allow the VNNI q8/q4 kernels (tests); returns the old value",
+          pybind11::arg("allow"));
   mod.def("read", &read_probe, "sum of a float32 tensor (read-bandwidth probe)", pybind11::arg("x"),
           pybind11::arg("threads") = 0);
   pybind11::class_<NativeModel>(mod, "NativeModel")

@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -13,9 +14,26 @@
 namespace es {
 namespace {
 
-constexpr int QN = 2;  // weight rows per block
+constexpr int QN = 4;  // weight rows per block: one x row's tile (two x rows take two each)
 
 bool reads_lo(const QMat& w, bool q8) { return w.lo != nullptr && (q8 || w.q4_reads_lo); }
+
+// Weight rows this far ahead of a tile are fetched while it computes: a q4 row is a few cache
+// lines, too little for the hardware prefetchers to run far enough ahead of a DRAM stream.
+constexpr int64_t PREFETCH_ROWS = 16;
+
+inline void prefetch_row(const QMat& w, int64_t n, bool lo) {
+  if (n >= w.rows) return;
+  const int64_t line = 64;
+  for (int64_t b = 0; b < w.ld; b += line) {
+    __builtin_prefetch(w.hi + n * w.ld + b);
+    if (lo) __builtin_prefetch(w.lo + n * w.ld + b);
+  }
+  for (int64_t b = 0; b < w.groups * 4; b += line) {
+    __builtin_prefetch(reinterpret_cast<const char*>(w.scale + n * w.groups) + b);
+    __builtin_prefetch(reinterpret_cast<const char*>(w.minimum + n * w.groups) + b);
+  }
+}
 
 // The groups a row of band b reads: all of K (OUT_PREFIX) or its prefix (IN_PREFIX).
 int64_t band_groups(const QMat& w, const Band& band, Flavour flavour) {
@@ -29,6 +47,7 @@ void quantize_x(const float* x, int64_t ldx, int64_t rows, int64_t groups, Quant
   out.ldg = (groups + 7) / 8 * 8;
   out.ldq = out.ldg * QGROUP;
   out.q.assign(size_t(rows * out.ldq), 0);
+  out.r.assign(size_t(rows * out.ldq), 0);
   out.d.assign(size_t(rows * out.ldg), 0.0f);
   out.s.assign(size_t(rows * out.ldg), 0.0f);
   for (int64_t r = 0; r < rows; ++r)
@@ -38,8 +57,14 @@ void quantize_x(const float* x, int64_t ldx, int64_t rows, int64_t groups, Quant
       for (int i = 0; i < QGROUP; ++i) amax = std::max(amax, std::fabs(v[i])), sum += v[i];
       const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
       int8_t* q = out.q.data() + r * out.ldq + g * QGROUP;
-      for (int i = 0; i < QGROUP; ++i) q[i] = int8_t(std::lrintf(v[i] * inv));
-      out.d[size_t(r * out.ldg + g)] = d;
+      int8_t* res = out.r.data() + r * out.ldq + g * QGROUP;
+      for (int i = 0; i < QGROUP; ++i) {
+        const float t = v[i] * inv;
+        const long hi = std::lrintf(t);
+        q[i] = int8_t(hi);
+        res[i] = int8_t(std::clamp(std::lrintf((t - float(hi)) * XRES), -127L, 127L));
+      }
+      out.d[size_t(r * out.ldg + g)] = d / XRES;  // the step of q * XRES + r
       out.s[size_t(r * out.ldg + g)] = sum;
     }
 }
@@ -77,7 +102,8 @@ void qlinear_scalar(const QMat& w, bool q8, const QuantX& x, const Band* bands, 
             const int shift = (g % 2) * 4;
             const int32_t c = (w.hi[at] >> shift) & 15;
             const int32_t u = lo ? 16 * c + ((w.lo[at] >> shift) & 15) : c;
-            dot += u * x.q[size_t(r * x.ldq + g * QGROUP + i)];
+            const size_t xi = size_t(r * x.ldq + g * QGROUP + i);
+            dot += u * (int32_t(XRES) * x.q[xi] + x.r[xi]);
           }
           const double d4 = w.scale[n * w.groups + g], m4 = w.minimum[n * w.groups + g];
           const double dx = x.d[size_t(r * x.ldg + g)], sx = x.s[size_t(r * x.ldg + g)];
@@ -92,6 +118,24 @@ void qlinear_scalar(const QMat& w, bool q8, const QuantX& x, const Band* bands, 
 void run_qblocks(const QMat& w, bool lo, const QuantX& x, const Band* bands, int nb,
                  Flavour flavour, float* y, int64_t ldy, bool accumulate, const Block* blocks,
                  int64_t nblocks);
+void run_qblocks_vnni(const QMat& w, bool lo, const QuantX& x, const Band* bands, int nb,
+                      Flavour flavour, float* y, int64_t ldy, bool accumulate,
+                      const Block* blocks, int64_t nblocks);
+
+namespace {
+std::atomic<bool> vnni_allowed{true};
+}  // namespace
+
+bool vnni_supported() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  }();
+  return yes;
+}
+
+bool use_vnni(bool allow) { return vnni_allowed.exchange(allow); }
 
 void qlinear(const QMat& w, bool q8, const QuantX& x, const Band* bands, int nb, Flavour flavour,
              float* y, int64_t ldy, bool accumulate) {
@@ -100,11 +144,12 @@ void qlinear(const QMat& w, bool q8, const QuantX& x, const Band* bands, int nb,
   const int64_t n = int64_t(blocks.size());
   if (n == 0) return;
   const bool lo = reads_lo(w, q8);
+  const auto run = vnni_supported() && vnni_allowed ? run_qblocks_vnni : run_qblocks;
   if (omp_in_parallel()) {
-    run_qblocks(w, lo, x, bands, nb, flavour, y, ldy, accumulate, blocks.data(), n);
+    run(w, lo, x, bands, nb, flavour, y, ldy, accumulate, blocks.data(), n);
   } else {
 #pragma omp parallel
-    run_qblocks(w, lo, x, bands, nb, flavour, y, ldy, accumulate, blocks.data(), n);
+    run(w, lo, x, bands, nb, flavour, y, ldy, accumulate, blocks.data(), n);
   }
 }
 
@@ -126,15 +171,17 @@ inline __m256i load32(const void* p) {
 }
 
 // The int32 partial sums (8 lanes) of one group's dot: codes c (and residuals e) against q.
+// (u . (XRES q + r)) for one group, u = c (q4) or 16 c + e (q8): each product pair is exact
+// in int16 (vpmaddubsw), the weighting by 16 and XRES is in vpmaddwd's int16 factors.
 template <bool LO>
-inline __m256i group_dot(__m256i c, __m256i e, __m256i q) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (LO) {
-    const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), _mm256_set1_epi16(16));
-    return _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_maddubs_epi16(e, q), ones));
-  } else {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones);
-  }
+inline __m256i group_dot(__m256i c, __m256i e, __m256i q, __m256i r) {
+  const auto dot = [](__m256i codes, __m256i xs, int16_t times) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xs), _mm256_set1_epi16(times));
+  };
+  __m256i v = _mm256_add_epi32(dot(c, q, int16_t(XRES * (LO ? 16 : 1))), dot(c, r, LO ? 16 : 1));
+  if constexpr (LO)
+    v = _mm256_add_epi32(v, _mm256_add_epi32(dot(e, q, int16_t(XRES)), dot(e, r, 1)));
+  return v;
 }
 
 // out[m][n] = the dot of x row m0 + m with weight row n0 + n over groups [0, groups).
@@ -178,13 +225,15 @@ void qtile(const QMat& w, int64_t n0, const QuantX& x, int64_t m0, int64_t group
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
         const int8_t* q = x.q.data() + (m0 + m) * x.ldq + g * QGROUP;
+        const int8_t* r = x.r.data() + (m0 + m) * x.ldq + g * QGROUP;
 #pragma GCC unroll 4
         for (int n = 0; n < N; ++n) {
           __m256i pair = _mm256_setzero_si256();
           if (first) {
-            const __m256i va = group_dot<LO>(ca[n], ea[n], load32(q));
+            const __m256i va = group_dot<LO>(ca[n], ea[n], load32(q), load32(r));
             const __m256i vb =
-                second ? group_dot<LO>(cb[n], eb[n], load32(q + QGROUP)) : _mm256_setzero_si256();
+                second ? group_dot<LO>(cb[n], eb[n], load32(q + QGROUP), load32(r + QGROUP))
+                       : _mm256_setzero_si256();
             pair = _mm256_hadd_epi32(va, vb);
           }
           if (j % 2 == 0) held[m][n] = pair;
@@ -218,18 +267,21 @@ void qtile(const QMat& w, int64_t n0, const QuantX& x, int64_t m0, int64_t group
     for (int n = 0; n < N; ++n) out[m][n] = hsum(acc[m][n]);
 }
 
-template <bool LO>
-void qtile_any(int m, int n, const QMat& w, int64_t n0, const QuantX& x, int64_t m0,
-               int64_t groups, float (*out)[QN]) {
-  if (m == 2) return n == 2 ? qtile<2, 2, LO>(w, n0, x, m0, groups, out)
-                            : qtile<2, 1, LO>(w, n0, x, m0, groups, out);
-  return n == 2 ? qtile<1, 2, LO>(w, n0, x, m0, groups, out)
-                : qtile<1, 1, LO>(w, n0, x, m0, groups, out);
-}
+struct Avx2 {
+  template <int M, int N, bool LO>
+  static void tile(const QMat& w, int64_t n0, const QuantX& x, int64_t m0, int64_t groups,
+                   float (*out)[QN]) {
+    qtile<M, N, LO>(w, n0, x, m0, groups, out);
+  }
+};
 
-template <bool LO>
+}  // namespace
+
+// The blocks of one call, each in tiles of up to 2 x rows by QN weight rows (any ISA's tiles).
+template <typename Isa, bool LO>
 void qblock(const QMat& w, const QuantX& x, const Band* bands, int nb, Flavour flavour, float* y,
             int64_t ldy, bool accumulate, const Block& b) {
+  for (int32_t n = 0; n < b.nr; ++n) prefetch_row(w, b.n0 + n + PREFETCH_ROWS, LO);
   int band = 0;
   for (int32_t m0 = 0; m0 < b.rows;) {
     while (bands[band].row_end <= m0) ++band;
@@ -238,7 +290,22 @@ void qblock(const QMat& w, const QuantX& x, const Band* bands, int nb, Flavour f
     if (flavour == Flavour::OUT_PREFIX) mr = std::min<int32_t>(2, b.rows - m0);
     else if (m0 + 1 < b.rows && m0 + 1 < bands[band].row_end) mr = 2;
     float out[2][QN] = {};
-    qtile_any<LO>(mr, b.nr, w, b.n0, x, m0, band_groups(w, bands[band], flavour), out);
+    const int64_t groups = band_groups(w, bands[band], flavour);
+    if (mr == 2) {
+      for (int32_t n = 0; n < b.nr; n += 2) {
+        float part[2][QN] = {};
+        if (n + 1 < b.nr) Isa::template tile<2, 2, LO>(w, b.n0 + n, x, m0, groups, part);
+        else Isa::template tile<2, 1, LO>(w, b.n0 + n, x, m0, groups, part);
+        for (int m = 0; m < 2; ++m) out[m][n] = part[m][0], out[m][n + 1] = part[m][1];
+      }
+    } else {
+      switch (b.nr) {
+        case 4: Isa::template tile<1, 4, LO>(w, b.n0, x, m0, groups, out); break;
+        case 3: Isa::template tile<1, 3, LO>(w, b.n0, x, m0, groups, out); break;
+        case 2: Isa::template tile<1, 2, LO>(w, b.n0, x, m0, groups, out); break;
+        default: Isa::template tile<1, 1, LO>(w, b.n0, x, m0, groups, out);
+      }
+    }
     for (int m = 0; m < mr; ++m) {
       float* yr = y + int64_t(m0 + m) * ldy + b.n0;
       for (int n = 0; n < b.nr; ++n) yr[n] = accumulate ? yr[n] + out[m][n] : out[m][n];
@@ -247,15 +314,115 @@ void qblock(const QMat& w, const QuantX& x, const Band* bands, int nb, Flavour f
   }
 }
 
-}  // namespace
-
 void run_qblocks(const QMat& w, bool lo, const QuantX& x, const Band* bands, int nb,
                  Flavour flavour, float* y, int64_t ldy, bool accumulate, const Block* blocks,
                  int64_t nblocks) {
 #pragma omp for schedule(static)
   for (int64_t i = 0; i < nblocks; ++i) {
-    if (lo) qblock<true>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
-    else qblock<false>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
+    if (lo) qblock<Avx2, true>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
+    else qblock<Avx2, false>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
+  }
+}
+
+#pragma GCC pop_options
+
+// ---- AVX-512 VNNI from here: vpdpbusd sums four u8 x s8 products into int32 without
+// saturation, so a pair of groups (64 codes, one zmm) costs one instruction per x row, and a q8
+// code (16 c + e, up to 255) goes in whole.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")
+
+namespace {
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 64 codes of one pair from its 32 packed bytes: group 2p's (low nibbles) in the low half.
+inline __m512i pair_codes(const uint8_t* p, __m512i shift, __m512i nib) {
+  const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_and_si512(_mm512_srlv_epi16(both, shift), nib);
+}
+
+template <int M, int N, bool LO>
+void qtile512(const QMat& w, int64_t n0, const QuantX& x, int64_t m0, int64_t groups,
+              float (*out)[QN]) {
+  const __m512i nib = _mm512_set1_epi8(15);
+  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 half = _mm256_set1_ps(LO ? 0.5f : 0.0f);
+  const __m256 step = _mm256_set1_ps(LO ? 1.0f / 16 : 1.0f);
+  __m512i pick[4];  // lanes 0-7: group 2j's scale, lanes 8-15: group 2j + 1's
+  for (int j = 0; j < 4; ++j)
+    pick[j] = _mm512_inserti64x4(_mm512_set1_epi32(2 * j), _mm256_set1_epi32(2 * j + 1), 1);
+  __m512 acc[M][N];
+  __m256 mins[M][N];
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) acc[m][n] = _mm512_setzero_ps(), mins[m][n] = _mm256_setzero_ps();
+  for (int64_t c0 = 0; c0 < groups; c0 += 8) {
+    const int64_t cnt = std::min<int64_t>(8, groups - c0);
+    const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(cnt)), lane);
+    __m512 scale[M][N];  // step x x scale of each group, as a zmm whose low 8 lanes hold them
+    for (int n = 0; n < N; ++n) {
+      const int64_t at = (n0 + n) * w.groups + c0;
+      const __m256 d4 = _mm256_maskload_ps(w.scale + at, in);
+      const __m256 m4 = _mm256_maskload_ps(w.minimum + at, in);
+      const __m256 d = _mm256_mul_ps(d4, step);
+      const __m256 mn = _mm256_fnmadd_ps(half, d4, m4);
+      for (int m = 0; m < M; ++m) {
+        const int64_t xg = (m0 + m) * x.ldg + c0;
+        scale[m][n] = _mm512_castps256_ps512(_mm256_mul_ps(d, _mm256_loadu_ps(x.d.data() + xg)));
+        mins[m][n] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(x.s.data() + xg), mins[m][n]);
+      }
+    }
+    for (int j = 0; j < 4 && 2 * j < cnt; ++j) {  // groups past cnt have scale 0
+      const int64_t g = c0 + 2 * j;
+      __m512i codes[N];
+      for (int n = 0; n < N; ++n) {
+        const int64_t at = (n0 + n) * w.ld + (g / 2) * QGROUP;
+        codes[n] = pair_codes(w.hi + at, shift, nib);
+        if constexpr (LO)
+          codes[n] = _mm512_or_si512(_mm512_slli_epi16(codes[n], 4), pair_codes(w.lo + at, shift, nib));
+      }
+      for (int m = 0; m < M; ++m) {
+        const int64_t xq = (m0 + m) * x.ldq + g * QGROUP;
+        const __m512i q = _mm512_loadu_si512(x.q.data() + xq);
+        const __m512i r = _mm512_loadu_si512(x.r.data() + xq);
+        for (int n = 0; n < N; ++n) {  // u . (XRES q + r), XRES = 256: a shift
+          const __m512i zero = _mm512_setzero_si512();
+          const __m512i dot = _mm512_add_epi32(
+              _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, codes[n], q), 8),
+              _mm512_dpbusd_epi32(zero, codes[n], r));
+          const __m512 s = _mm512_permutexvar_ps(pick[j], scale[m][n]);
+          acc[m][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[m][n]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]) + hsum8(mins[m][n]);
+}
+
+struct Vnni {
+  template <int M, int N, bool LO>
+  static void tile(const QMat& w, int64_t n0, const QuantX& x, int64_t m0, int64_t groups,
+                   float (*out)[QN]) {
+    qtile512<M, N, LO>(w, n0, x, m0, groups, out);
+  }
+};
+
+}  // namespace
+
+void run_qblocks_vnni(const QMat& w, bool lo, const QuantX& x, const Band* bands, int nb,
+                      Flavour flavour, float* y, int64_t ldy, bool accumulate,
+                      const Block* blocks, int64_t nblocks) {
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < nblocks; ++i) {
+    if (lo) qblock<Vnni, true>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
+    else qblock<Vnni, false>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
   }
 }
 

@@ -5,9 +5,9 @@
 // (value scale * c + minimum), q8 reads both (value scale / 16 * u + minimum - scale / 2).
 // A plane row packs the groups in pairs: byte i of pair p holds column i of group 2p in its low
 // nibble and column i of group 2p + 1 in its high one, so a K prefix of whole groups is a row
-// prefix. The x rows are quantized to int8 per group (scale = max |x| / 127, plus the group's
-// exact float sum for the minimum term), as ggml's quantized dot products do; the dot of a
-// group is exact in int32 (vpmaddubsw), eight groups are scaled at once in fp32.
+// prefix. The x rows are quantized per group (scale = max |x| / 127) in two int8 planes, the
+// codes and their rounding residual (see XRES), plus the group's exact float sum for the
+// minimum term; the dot of a group is exact in int32, eight groups are scaled at once in fp32.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +18,10 @@
 namespace es {
 
 constexpr int64_t QGROUP = 32;
+// x is quantized in two int8 planes, q = round(x / step) and r = round((x / step - q) * XRES):
+// 15 bits of activation for one more integer dot per group (int8 alone cost the default model
+// 2 % perplexity at q4)
+constexpr int32_t XRES = 256;
 
 enum class Precision : int32_t { DENSE = 0, Q8 = 1, Q4 = 2 };
 
@@ -30,9 +34,10 @@ struct QMat {
   bool q4_reads_lo = false;  // a q4 row reads this weight at q8 (a re-quantized weight)
 };
 
-// x rows as int8 per group: q [rows, ldq], d and s [rows, ldg] (ldg a multiple of 8, zero-padded)
+// x rows as int8 per group: q and its residual r [rows, ldq], d (the step of XRES q + r) and s
+// (the group's float sum) [rows, ldg] (ldg a multiple of 8, zero-padded)
 struct QuantX {
-  std::vector<int8_t> q;
+  std::vector<int8_t> q, r;
   std::vector<float> d, s;
   int64_t rows = 0, groups = 0, ldq = 0, ldg = 0;
 };
@@ -48,6 +53,13 @@ void qlinear(const QMat& w, bool q8, const QuantX& x, const Band* bands, int nba
 // The same product in scalar code (the tests' check of the SIMD kernel).
 void qlinear_scalar(const QMat& w, bool q8, const QuantX& x, const Band* bands, int nbands,
                     Flavour flavour, float* y, int64_t ldy, bool accumulate);
+
+// True when the CPU has AVX-512 VNNI: the quantized linears then run its kernels.
+bool vnni_supported();
+
+// Allows (or, for tests of the AVX2 kernels on a VNNI machine, forbids) the VNNI kernels;
+// returns the previous setting.
+bool use_vnni(bool allow);
 
 // Validates bands against a quantized weight and its quantized x (std::invalid_argument).
 void check_qbands(const QMat& w, const QuantX& x, const Band* bands, int nbands, Flavour flavour);
