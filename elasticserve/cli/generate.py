@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from .args import add_model_arguments
 
@@ -72,13 +73,15 @@ def _shapes(args: argparse.Namespace) -> None:
         cpu_kernels=args.cpu_kernels,
         precisions=args.precisions,
     )
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "shape": s.name,
             "id": s.id,
             "depth": s.shape.depth,
             "width": s.shape.width,
+            "precision": s.shape.precision or str(bundle.model.dtype).removeprefix("torch."),
             "weight_fraction": round(s.weight_fraction, 4),
+            "weight_bytes": bundle.weight_bytes(s),
             "ppl": s.ppl,
         }
         for s in bundle.specs
@@ -86,7 +89,10 @@ def _shapes(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'id':>3}  {'shape':<12} {'weights':>8} {'ppl':>9}")
+    print(f"{'id':>3}  {'shape':<15} {'precision':>9} {'weights':>8} {'MB/token':>9} {'ppl':>9}")
     for r in rows:
         ppl = f"{r['ppl']:.2f}" if r["ppl"] is not None else "-"
-        print(f"{r['id']:>3}  {r['shape']:<12} {r['weight_fraction']:>8.1%} {ppl:>9}")
+        print(
+            f"{r['id']:>3}  {r['shape']:<15} {r['precision']:>9} {r['weight_fraction']:>8.1%} "
+            f"{r['weight_bytes'] / 1e6:>9.1f} {ppl:>9}"
+        )

@@ -60,6 +60,18 @@ class ModelBundle:
             eos.add(self.tokenizer.eos_token_id)
         return frozenset(eos)
 
+    def weight_bytes(self, spec: ShapeSpec) -> int:
+        """Weight bytes one decode step of `spec` reads: its decoder linears and the LM head
+        (q8 planes for a quantized shape)."""
+        cfg = self.config
+        dense = self.model.dtype.itemsize
+        decoder = cfg.layer_params() * cfg.num_layers * dense * spec.weight_fraction
+        if spec.shape.precision and self.quant is not None:
+            head = self.quant.head.nbytes("q8")
+        else:
+            head = cfg.vocab_size * cfg.hidden_size * dense
+        return int(decoder + head)
+
     def spec(self, shape: str | Shape | ShapeSpec | None) -> ShapeSpec:
         """Resolve a shape name (or None = full) against the grid, with a clear error."""
         if shape is None:
@@ -137,7 +149,8 @@ def load_bundle(
     cos, sin = rope_tables(hf_config, max_len)
     weights = serving_weights(state, config, pack, torch_dtype, dev)
     elastic = ElasticModel(config, weights, (cos.to(dev, torch_dtype), sin.to(dev, torch_dtype)))
-    specs = pack.specs(chosen, dense_bits=torch_dtype.itemsize * 8)
+    bits = {p: quant.bits_per_weight(p, down_q8) for p in chosen} if quant is not None else None
+    specs = pack.specs(chosen, dense_bits=torch_dtype.itemsize * 8, precision_bits=bits)
     if lora and pack_dir is not None and has_adapters(pack_dir):
         experts, _ = load_adapters(pack_dir, config, pack.widths)
         elastic.lora = effective_weights(experts, specs, torch_dtype, dev)

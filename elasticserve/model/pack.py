@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,11 +67,16 @@ class Pack:
         return sorted(self.layer_tables, reverse=True)
 
     def specs(
-        self, precisions: tuple[str, ...] | None = None, dense_bits: int = 16
+        self,
+        precisions: tuple[str, ...] | None = None,
+        dense_bits: int = 16,
+        precision_bits: Mapping[str, float] | None = None,
     ) -> list[ShapeSpec]:
         """The shape grid: the model's dtype first, then each quantized precision, each widest
         and deepest first; a spec's position is its shape id. `precisions` overrides the pack's;
-        `dense_bits` is the model dtype's width, against which quantized shapes count bytes."""
+        `dense_bits` is the model dtype's width, against which quantized shapes count bytes;
+        `precision_bits`: the measured bits per weight of each precision (default: nominal)."""
+        measured = precision_bits or {}
         chosen = self.precisions if precisions is None else parse_precisions(precisions)
         full = self.config.layer_params() * self.config.num_layers
         out: list[ShapeSpec] = []
@@ -81,7 +87,7 @@ class Pack:
                     layers = self.layer_tables[depth]
                     params = sum(self.config.layer_params(heads[i], mlp[i]) for i in layers)
                     shape = Shape(depth, width, precision)
-                    bits = dense_bits if precision == DENSE else shape.bits
+                    bits = dense_bits if precision == DENSE else measured.get(precision, shape.bits)
                     out.append(
                         ShapeSpec(
                             id=len(out),

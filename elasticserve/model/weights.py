@@ -139,6 +139,9 @@ class QuantLayer:
     down: QuantWeight  # [H, I], input channels in the serving order
     down_requantized: bool  # a source's blocks did not survive the channel order: made anew
 
+    def linears(self) -> tuple[QuantWeight, ...]:
+        return (self.qkv, self.o, self.gate, self.up, self.down)
+
 
 @dataclass
 class QuantWeights:
@@ -146,10 +149,22 @@ class QuantWeights:
     head: QuantWeight  # the LM head, read at q8 by every quantized shape
     source: str  # "gguf" (the file's own blocks where they survive) or the quantize method
 
-    def nbytes(self, precision: str) -> int:
-        """Bytes of the planes a read at `precision` touches, the LM head included."""
-        ws = [w for lw in self.layers for w in (lw.qkv, lw.o, lw.gate, lw.up, lw.down)]
-        return sum(w.nbytes(precision) for w in ws) + self.head.nbytes("q8")
+    def nbytes(self, precision: str, down_q8: bool = True) -> int:
+        """Bytes of the planes a read at `precision` touches, the LM head (q8) included."""
+        return self._decoder_bytes(precision, down_q8) + self.head.nbytes("q8")
+
+    def bits_per_weight(self, precision: str, down_q8: bool = True) -> float:
+        """Mean bits a decoder weight costs at `precision`: codes, scales and minimums, with a
+        re-quantized `down` read at q8 where `down_q8`."""
+        numel = sum(w.rows * w.cols for lw in self.layers for w in lw.linears())
+        return 8 * self._decoder_bytes(precision, down_q8) / numel
+
+    def _decoder_bytes(self, precision: str, down_q8: bool) -> int:
+        total = 0
+        for lw in self.layers:
+            down = "q8" if down_q8 and lw.down_requantized else precision
+            total += sum(w.nbytes(precision) for w in lw.linears()[:-1]) + lw.down.nbytes(down)
+        return total
 
 
 def _group_order(channels: torch.Tensor) -> torch.Tensor | None:

@@ -38,7 +38,9 @@ def _shape_cards(server: ServerState) -> ShapeList:
                 shape_id=spec.id,
                 depth=spec.shape.depth,
                 width=spec.shape.width,
+                precision=spec.shape.precision,
                 weight_fraction=round(spec.weight_fraction, 6),
+                weight_bytes=server.bundle.weight_bytes(spec),
                 ppl=spec.ppl,
                 latency=dict(server.shape_latency[spec.name])
                 if spec.name in server.shape_latency

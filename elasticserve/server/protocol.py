@@ -601,7 +601,9 @@ class ShapeCard(_Response):
     shape_id: int
     depth: int
     width: float
+    precision: str  # "" (the model's dtype), "q8" or "q4"
     weight_fraction: float
+    weight_bytes: int  # weight bytes one decode step reads (LM head included)
     ppl: float | None = None  # held-out perplexity from the pack
     latency: dict[str, float] | None = None  # measured TTFT/TPOT, when the pack has a profile
 
