@@ -56,7 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="quantized precisions to add to the grid, e.g. q8,q4 (default: the pack's)",
     )
     ev.add_argument(
-        "--quant-method", default="minmax", choices=("minmax", "mse"), help="q8/q4 scales"
+        "--quant-method",
+        default="mse",
+        choices=("minmax", "mse"),
+        help="q8/q4 scales of weights not taken from a GGUF's blocks",
     )
     ev.set_defaults(func=run_eval)
 

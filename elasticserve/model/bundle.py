@@ -103,7 +103,7 @@ def load_bundle(
     lora: bool = True,
     cpu_kernels: str = "auto",
     precisions: str | tuple[str, ...] | None = None,
-    quant_method: str = "minmax",
+    quant_method: str = "mse",
     down_q8: bool = True,
 ) -> ModelBundle:
     """Load a base model (default: the embedded SmolLM2-135M) and serve it through `pack`.
@@ -115,7 +115,8 @@ def load_bundle(
     requires them, "torch" keeps torch ops. `precisions` ("q8,q4"; None: the pack's) adds the
     grid's quantized shapes, served by the native kernels from planes quantized at load: a GGUF
     source's own Q4_0/Q4_1/Q8_0 blocks where they survive the pack's order, else `quant_method`
-    ("minmax" or "mse" clipping); `down_q8`: q4 rows read a re-quantized `down` at q8.
+    ("minmax" or "mse" clipping); `down_q8`: q4 rows read `down` at q8 (its input, after the
+    SiLU gate, is the one q4 hurts most: 13 % perplexity on the default model, 0.03 % at q8).
     """
     dev = resolve_device(device)
     ext = native_extension(cpu_kernels, dev)

@@ -41,7 +41,7 @@ class NativeDecoder:
         down_q8: bool = True,
     ) -> None:
         """`quant`: the q8/q4 planes the grid's quantized shapes read; `down_q8`: a q4 row reads
-        a re-quantized `down` (a source's blocks split by the channel order) at q8."""
+        `down` at q8 (where it has a residual plane: not a GGUF's own 4-bit blocks)."""
         cfg, w = model.config, model.weights
         self.config = cfg
         self.model = model
@@ -69,7 +69,7 @@ class NativeDecoder:
                 _planes(q.o),
                 _planes(q.gate),
                 _planes(q.up),
-                _planes(q.down, down_q8 and q.down_requantized),
+                _planes(q.down, down_q8),
             ]
             for q in (quant.layers if quant is not None else [])
         ]

@@ -154,15 +154,15 @@ class QuantWeights:
         return self._decoder_bytes(precision, down_q8) + self.head.nbytes("q8")
 
     def bits_per_weight(self, precision: str, down_q8: bool = True) -> float:
-        """Mean bits a decoder weight costs at `precision`: codes, scales and minimums, with a
-        re-quantized `down` read at q8 where `down_q8`."""
+        """Mean bits a decoder weight costs at `precision`: codes, scales and minimums, with
+        `down` read at q8 where `down_q8` (and it has a residual plane)."""
         numel = sum(w.rows * w.cols for lw in self.layers for w in lw.linears())
         return 8 * self._decoder_bytes(precision, down_q8) / numel
 
     def _decoder_bytes(self, precision: str, down_q8: bool) -> int:
         total = 0
         for lw in self.layers:
-            down = "q8" if down_q8 and lw.down_requantized else precision
+            down = "q8" if down_q8 and lw.down.lo is not None else precision
             total += sum(w.nbytes(precision) for w in lw.linears()[:-1]) + lw.down.nbytes(down)
         return total
 

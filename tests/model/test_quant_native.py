@@ -31,7 +31,10 @@ def test_grid_has_every_precision_after_the_dense_shapes(qbundle):
     specs = qbundle.specs
     dense = [s for s in specs if not s.shape.precision]
     assert specs[: len(dense)] == dense  # the dense shapes keep their ids
-    for precision, bits in (("q8", 10), ("q4", 6)):
+    assert qbundle.quant.bits_per_weight("q8") == 10  # codes + fp32 scale and minimum per 32
+    assert 6 < qbundle.quant.bits_per_weight("q4") < 10  # down read at q8
+    for precision in ("q8", "q4"):
+        bits = qbundle.quant.bits_per_weight(precision)
         quantized = [s for s in specs if s.shape.precision == precision]
         assert [(s.shape.depth, s.shape.width, s.layers) for s in quantized] == [
             (s.shape.depth, s.shape.width, s.layers) for s in dense
