@@ -246,8 +246,10 @@ void qtile(const QMat& w, int64_t n0, const QuantX& x, int64_t m0, int64_t group
 #pragma GCC unroll 4
     for (int n = 0; n < N; ++n) {
       const int64_t at = (n0 + n) * w.groups + c0;
-      const __m256 d4 = _mm256_maskload_ps(w.scale + at, in);
-      const __m256 m4 = _mm256_maskload_ps(w.minimum + at, in);
+      const bool whole = cnt == 8;  // a masked load stalls far longer on a cache miss
+      const __m256 d4 = whole ? _mm256_loadu_ps(w.scale + at) : _mm256_maskload_ps(w.scale + at, in);
+      const __m256 m4 =
+          whole ? _mm256_loadu_ps(w.minimum + at) : _mm256_maskload_ps(w.minimum + at, in);
       const __m256 d = _mm256_mul_ps(d4, step);              // the step of the codes read
       const __m256 mn = _mm256_fnmadd_ps(half, d4, m4);      // their offset
 #pragma GCC unroll 4
@@ -368,8 +370,11 @@ void qtile512(const QMat& w, int64_t n0, const QuantX& x, int64_t m0, int64_t gr
     __m512 scale[M][N];  // step x x scale of each group, as a zmm whose low 8 lanes hold them
     for (int n = 0; n < N; ++n) {
       const int64_t at = (n0 + n) * w.groups + c0;
-      const __m256 d4 = _mm256_maskload_ps(w.scale + at, in);
-      const __m256 m4 = _mm256_maskload_ps(w.minimum + at, in);
+      // whole chunks load plainly: a masked load stalls far longer on a cache miss here
+      const bool whole = cnt == 8;
+      const __m256 d4 = whole ? _mm256_loadu_ps(w.scale + at) : _mm256_maskload_ps(w.scale + at, in);
+      const __m256 m4 =
+          whole ? _mm256_loadu_ps(w.minimum + at) : _mm256_maskload_ps(w.minimum + at, in);
       const __m256 d = _mm256_mul_ps(d4, step);
       const __m256 mn = _mm256_fnmadd_ps(half, d4, m4);
       for (int m = 0; m < M; ++m) {
