@@ -1,0 +1,99 @@
+"""The native q8/q4 band linear against the bf16 one on the same matrix, streamed from DRAM.
+
+A decode step reads every weight once, from memory: so does this benchmark, cycling through
+`--copies` different copies of one decoder-sized matrix (more bytes than the last-level cache)
+at batch 1. Configurations are interleaved in every round; best of the rounds.
+
+    python bench/bench_qlinear.py --out bench/results/bench_qlinear.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from elasticserve.kernels.cpu import load
+from elasticserve.model.device import cpu_flags, cpu_model
+from elasticserve.model.quant import quantize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1536, help="N (gate/up: 1536)")
+    parser.add_argument("--cols", type=int, default=576, help="K (hidden: 576)")
+    parser.add_argument("--copies", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--out", default="bench/results/bench_qlinear.json")
+    args = parser.parse_args()
+    ext = load()
+    if ext is None:
+        raise SystemExit("the native CPU kernels do not build here")
+    n, k = args.rows, args.cols
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(n, k, generator=g) for _ in range(4)]
+    quant = [quantize(base[i % 4]) for i in range(args.copies)]
+    dense = [base[i % 4].bfloat16().clone() for i in range(args.copies)]
+    x = torch.randn(1, k, generator=g)
+    y = torch.zeros(1, n)
+    bands = torch.tensor([[1, n]], dtype=torch.int32)
+
+    def run_quant(q8: bool, threads: int) -> Callable[[], None]:
+        def f() -> None:
+            for q in quant:
+                ext.qlinear(q.hi, q.lo, q.scale, q.minimum, x, bands, 0, y, q8, threads=threads)
+
+        return f
+
+    def run_dense(threads: int) -> Callable[[], None]:
+        def f() -> None:
+            for w in dense:
+                ext.linear(w, x, bands, 0, y, threads=threads)
+
+        return f
+
+    configs: dict[tuple[str, int], tuple[Callable[[], None], int]] = {}
+    for threads in map(int, args.threads.split(",")):
+        configs[("bf16", threads)] = (run_dense(threads), n * k * 2)
+        configs[("q8", threads)] = (run_quant(True, threads), quant[0].nbytes("q8"))
+        configs[("q4", threads)] = (run_quant(False, threads), quant[0].nbytes("q4"))
+    best = {key: float("inf") for key in configs}
+    for _ in range(args.rounds):
+        for key, (f, _) in configs.items():
+            start = time.perf_counter()
+            f()
+            best[key] = min(best[key], (time.perf_counter() - start) / args.copies)
+    rows = []
+    for (kind, threads), (_, nbytes) in configs.items():
+        seconds = best[(kind, threads)]
+        row = {
+            "kind": kind,
+            "threads": threads,
+            "us_per_matrix": round(seconds * 1e6, 1),
+            "gb_s": round(nbytes / seconds / 1e9, 2),
+            "speedup_vs_bf16": round(best[("bf16", threads)] / seconds, 3),
+        }
+        rows.append(row)
+        print(
+            f"{kind:>4} threads={threads} {row['us_per_matrix']:7.1f} us/matrix "
+            f"{row['gb_s']:6.2f} GB/s  x{row['speedup_vs_bf16']:.2f} vs bf16"
+        )
+    meta = {
+        "machine": cpu_model(),
+        "cpu_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}),
+        "vnni_kernels": bool(ext.vnni_supported()),
+        "torch": torch.__version__,
+        "args": vars(args),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
