@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,3 +26,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="quantized precisions the grid adds, e.g. q8,q4 (shapes d30-w1.0-q4, ...), served "
         "by the native CPU kernels; 'none': the model's dtype only (default: the pack's list)",
     )
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The load_bundle / LLM keywords of `add_model_arguments`' options (all but model, pack)."""
+    return {
+        "dtype": args.dtype,
+        "device": args.device,
+        "cpu_kernels": args.cpu_kernels,
+        "precisions": args.precisions,
+    }

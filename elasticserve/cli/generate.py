@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from .args import add_model_arguments
+from .args import add_model_arguments, model_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,14 +36,7 @@ def _generate(args: argparse.Namespace) -> None:
     from ..engine.llm import LLM
     from ..engine.sampling import SamplingParams
 
-    llm = LLM(
-        args.model,
-        args.pack,
-        dtype=args.dtype,
-        device=args.device,
-        cpu_kernels=args.cpu_kernels,
-        precisions=args.precisions,
-    )
+    llm = LLM(args.model, args.pack, **model_options(args))
     prompt = args.prompt
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
@@ -65,14 +58,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _shapes(args: argparse.Namespace) -> None:
     from ..model.bundle import load_bundle
 
-    bundle = load_bundle(
-        args.model,
-        args.pack,
-        dtype=args.dtype,
-        device=args.device,
-        cpu_kernels=args.cpu_kernels,
-        precisions=args.precisions,
-    )
+    bundle = load_bundle(args.model, args.pack, **model_options(args))
     rows: list[dict[str, Any]] = [
         {
             "shape": s.name,

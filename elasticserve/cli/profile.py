@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .args import add_model_arguments
+from .args import add_model_arguments, model_options
 
 if TYPE_CHECKING:
     from ..model.bundle import ModelBundle
@@ -52,15 +52,7 @@ def _profile(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     short, long = (int(x) for x in args.context.split(","))
     # the profile needs only short contexts: a small max_model_len keeps the KV pool small
-    bundle = load_bundle(
-        args.model,
-        args.pack,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=1024,
-        cpu_kernels=args.cpu_kernels,
-        precisions=args.precisions,
-    )
+    bundle = load_bundle(args.model, args.pack, max_model_len=1024, **model_options(args))
     measured = profile(
         bundle, batch_sizes(args.max_batch), context=(short, long), repeats=args.repeats
     )

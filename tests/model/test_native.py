@@ -14,7 +14,7 @@ from elasticserve.kernels.cpu import build
 from elasticserve.model.bundle import load_bundle
 from elasticserve.model.step_plan import SeqChunk, build_step
 
-from ..helpers import random_pack
+from ..helpers import BlockTables, random_pack
 
 pytestmark = pytest.mark.skipif(
     build.load() is None, reason="the native CPU kernels do not build here"
@@ -31,22 +31,6 @@ def bundle(request, tiny_llama_dir, tiny_qwen2_dir):
     return load_bundle(model_dir, pack=random_pack(base.pack, seed=5), dtype="float32")
 
 
-class Tables:
-    """Block tables handed out from a pool, as the block manager would."""
-
-    def __init__(self) -> None:
-        self.next = 0
-
-    def table(self, spec, tokens: int) -> list[list[int]]:
-        need = -(-tokens // BLOCK)
-        out = [
-            list(range(self.next + i * need, self.next + (i + 1) * need))
-            for i in range(len(spec.layers))
-        ]
-        self.next += need * len(spec.layers)
-        return out
-
-
 def torch_step(bundle, chunks, cache):
     cfg = bundle.config
     step = build_step(chunks, cfg.num_layers, cfg.head_dim, 2 * cfg.kv_size, BLOCK, bundle.biases)
@@ -60,7 +44,7 @@ def test_mixed_prefill_and_decode_match_torch(bundle):
     lengths = [13, 1, 6, 9, 4]
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
     specs = [bundle.spec(s) for s in SHAPES]
-    pool = Tables()
+    pool = BlockTables(BLOCK)
     tables = [pool.table(s, n + 8) for s, n in zip(specs, lengths, strict=True)]
     done = [0] * len(prompts)
     # step 0: whole prompts but one split in two chunks; then chunked rest + decodes, all "all"

@@ -14,6 +14,7 @@ from elasticserve.model.quant import dequantize
 from elasticserve.model.step_plan import SeqChunk
 
 from ..conftest import requires_default_model
+from ..helpers import BlockTables
 
 pytestmark = pytest.mark.skipif(
     build.load() is None, reason="the native CPU kernels do not build here"
@@ -48,26 +49,12 @@ def test_grid_has_every_precision_after_the_dense_shapes(qbundle):
         only_q8.spec("full-q4")
 
 
-class Tables:
-    def __init__(self) -> None:
-        self.next = 0
-
-    def table(self, spec, tokens: int) -> list[list[int]]:
-        need = -(-tokens // BLOCK)
-        out = [
-            list(range(self.next + i * need, self.next + (i + 1) * need))
-            for i in range(len(spec.layers))
-        ]
-        self.next += need * len(spec.layers)
-        return out
-
-
 def _run(bundle, names, prompts, cache_rows=600):
     """Prefill then three decode steps of `prompts` at shapes `names`, in one batch."""
     cfg = bundle.config
     cache = kv_cache.allocate(cfg, cache_rows, BLOCK, torch.float32, torch.device("cpu"))
     specs = [bundle.spec(n) for n in names]
-    pool = Tables()
+    pool = BlockTables(BLOCK)
     tables = [pool.table(s, len(p) + 4) for s, p in zip(specs, prompts, strict=True)]
     out = []
     steps = [prompts] + [[[7 + len(p) + k] for p in prompts] for k in range(3)]

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCES = ("linear.cpp", "qlinear.cpp", "ops.cpp", "forward.cpp", "bindings.cpp")
-HEADERS = ("linear.h", "qlinear.h", "ops.h", "forward.h")
+HEADERS = ("linear.h", "qlinear.h", "ops.h", "forward.h", "simd.h")
 CSRC = Path(__file__).parent / "csrc"
 FLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
 

@@ -1,5 +1,6 @@
 // Band linears: block list and checks (generic code), the AVX2/FMA kernels (target region).
 #include "linear.h"
+#include "simd.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -157,13 +158,6 @@ inline __m256 load8(const Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 inline float load1(const Half* p) { return _cvtsh_ss(p->bits); }
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // out[m][n] += x[m, k0:k1] . w[n, k0:k1] for m < M, n < N
 template <int M, int N, typename W>

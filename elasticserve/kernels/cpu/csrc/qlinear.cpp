@@ -1,6 +1,7 @@
 // Quantized band linears: checks, x quantization, scalar reference (generic code), then the
 // AVX2 kernels (target region).
 #include "qlinear.h"
+#include "simd.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -158,13 +159,6 @@ void qlinear(const QMat& w, bool q8, const QuantX& x, const Band* bands, int nb,
 #pragma GCC target("avx2,fma,f16c")
 
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 inline __m256i load32(const void* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -336,13 +330,6 @@ void run_qblocks(const QMat& w, bool lo, const QuantX& x, const Band* bands, int
 
 namespace {
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // 64 codes of one pair from its 32 packed bytes: group 2p's (low nibbles) in the low half.
 inline __m512i pair_codes(const uint8_t* p, __m512i shift, __m512i nib) {
   const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -408,7 +395,7 @@ void qtile512(const QMat& w, int64_t n0, const QuantX& x, int64_t m0, int64_t gr
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]) + hsum8(mins[m][n]);
+    for (int n = 0; n < N; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]) + hsum(mins[m][n]);
 }
 
 struct Vnni {
