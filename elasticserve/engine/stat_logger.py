@@ -32,12 +32,16 @@ def startup_lines(engine: LLMEngine) -> list[str]:
     else:
         capability = torch.backends.cpu.get_cpu_capability()
         bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
-        ops = "native kernels (AVX2)" if bundle.native is not None else "torch ops"
+        ops = "torch ops"
+        if bundle.native is not None:
+            quant = "AVX-512 VNNI" if bundle.native.vnni else "AVX2"
+            ops = f"native kernels (AVX2; q8/q4: {quant})"
         path = f"CPU {capability} ({bf16}), {torch.get_num_threads()} threads, {ops}"
     blocks, block_size = runner.num_blocks, runner.block_size
     kv_bytes = runner.cache.numel() * runner.cache.element_size()
     depths = sorted({s.shape.depth for s in bundle.specs})
     widths = sorted({s.shape.width for s in bundle.specs})
+    precisions = [dtype] + sorted({s.shape.precision for s in bundle.specs} - {""}, reverse=True)
     adapters = "per-shape LoRA adapters" if model.lora is not None else "no adapters"
     return [
         f"model {bundle.name} ({cfg.model_type}, {cfg.num_layers} layers, hidden "
@@ -46,7 +50,8 @@ def startup_lines(engine: LLMEngine) -> list[str]:
         f"device: {path}",
         f"KV cache: {blocks} blocks x {block_size} tokens = {blocks * block_size} tokens a layer, "
         f"{kv_bytes / 2**20:.0f} MiB ({kv_dtype})",
-        f"grid: {len(bundle.specs)} shapes, depths {depths}, widths {widths}; pack "
+        f"grid: {len(bundle.specs)} shapes, depths {depths}, widths {widths}, precisions "
+        f"{precisions}; pack "
         f"{bundle.pack.fingerprint[:12]}, {adapters}",
     ]
 

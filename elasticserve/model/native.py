@@ -44,6 +44,7 @@ class NativeDecoder:
         `down` at q8 (where it has a residual plane: not a GGUF's own 4-bit blocks)."""
         cfg, w = model.config, model.weights
         self.config = cfg
+        self.vnni = bool(ext.vnni_supported())  # the q8/q4 linears run AVX-512 VNNI kernels
         self.model = model
         num_layers = cfg.num_layers
         bias_rows: dict[tuple[float, int], int] = {}
