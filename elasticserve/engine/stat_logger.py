@@ -41,7 +41,8 @@ def startup_lines(engine: LLMEngine) -> list[str]:
     kv_bytes = runner.cache.numel() * runner.cache.element_size()
     depths = sorted({s.shape.depth for s in bundle.specs})
     widths = sorted({s.shape.width for s in bundle.specs})
-    precisions = [dtype] + sorted({s.shape.precision for s in bundle.specs} - {""}, reverse=True)
+    quantized = sorted({s.shape.precision for s in bundle.specs} - {""}, reverse=True)
+    precisions = [dtype, *quantized]
     adapters = "per-shape LoRA adapters" if model.lora is not None else "no adapters"
     return [
         f"model {bundle.name} ({cfg.model_type}, {cfg.num_layers} layers, hidden "
