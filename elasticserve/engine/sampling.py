@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .guided import Guide, GuidedDecodingParams, allocate_bitmask, bitmask_to_bool
+from .guided import Guide, GuidedDecodingParams, allocate_bitmask, bitmask_to_additive
 
 _GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a smaller temperature is greedy
 _MAX_LOGPROBS = 20
@@ -220,20 +220,17 @@ def _apply_guides(
     # raw, logits: [B, V]; logits may be raw itself, which must stay intact for the log-probs
     rows = [i for i, g in enumerate(guides) if g is not None]
     vocab = logits.shape[1]
-    bitmask = allocate_bitmask(len(rows), vocab)  # [G, ceil(V / 32)]
-    for j, i in enumerate(rows):
+    bitmask = allocate_bitmask(logits.shape[0], vocab)  # [B, ceil(V / 32)]; unguided rows allow all
+    for i in rows:
         guide = guides[i]
         assert guide is not None
-        guide.fill_mask(output_token_ids[i], bitmask, j)
-    allowed = bitmask_to_bool(bitmask, vocab).to(logits.device)  # [G, V]
-    index = torch.tensor(rows, device=logits.device)
-    masked = logits[index].masked_fill(~allowed, -math.inf)  # [G, V]
+        guide.fill_mask(output_token_ids[i], bitmask, i)
+    additive = bitmask_to_additive(bitmask.to(logits.device), vocab)  # [B, V]: 0 or -inf
+    out = logits + additive  # a new tensor: an unguided row gains exact zeros
     # min_tokens may ban the only tokens the grammar allows (its end): the grammar wins
-    dead = (masked == -math.inf).all(dim=-1)  # [G]
-    if bool(dead.any()):
-        masked[dead] = raw[index[dead]].masked_fill(~allowed[dead], -math.inf)
-    out = logits.clone() if logits is raw else logits
-    out[index] = masked
+    dead = [i for i in (out.amax(dim=-1) == -math.inf).nonzero().flatten().tolist() if i in rows]
+    if dead:
+        out[dead] = raw[dead] + additive[dead]
     return out
 
 

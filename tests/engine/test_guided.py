@@ -9,7 +9,12 @@ import jsonschema
 import pytest
 import torch
 
-from elasticserve.engine.guided import GuidedDecodingParams, allocate_bitmask, bitmask_to_bool
+from elasticserve.engine.guided import (
+    GuidedDecodingParams,
+    allocate_bitmask,
+    bitmask_to_additive,
+    bitmask_to_bool,
+)
 from elasticserve.engine.llm_engine import LLMEngine
 from elasticserve.engine.sampling import Sampler, SamplingParams
 from elasticserve.model.bundle import load_bundle
@@ -124,6 +129,20 @@ def test_bitmask_round_trip():
     assert bool(allowed[1].all())
 
 
+@pytest.mark.parametrize("vocab", [70, 96, 1000])
+def test_additive_mask_matches_the_reference(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    words = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), generator=gen)
+    bitmask = words.to(torch.int32)
+    bitmask[1] = 0
+    bitmask[1, -1] = -(2**31)  # bit 31 of the last word only
+    allowed = bitmask_to_bool(bitmask, vocab)  # [3, V], the pure-torch reference
+    additive = bitmask_to_additive(bitmask, vocab)
+    assert additive.shape == (3, vocab) and additive.dtype == torch.float32
+    assert torch.equal(additive == 0, allowed)
+    assert bool((additive[~allowed] == -torch.inf).all())
+
+
 class _OnlyToken:
     """A stand-in guide that allows one token."""
 
@@ -154,3 +173,42 @@ def test_sampler_masks_only_the_guided_rows():
     # log-probs stay the model's: the mask shapes the draw, not the reported distribution
     expected = logits[1].log_softmax(-1)[42].item()
     assert guided.logprobs[1] == pytest.approx(expected, abs=1e-5)
+
+
+class _Bits:
+    """A stand-in guide that writes a given bitmask row."""
+
+    def __init__(self, bits: torch.Tensor):
+        self.bits = bits
+
+    def fill_mask(self, output_token_ids, bitmask, row):
+        bitmask[row] = self.bits
+
+
+def test_sampler_mask_matches_the_reference_unpacking():
+    # sparse, half-full and single-word masks over a vocab that is not a multiple of 32
+    vocab, batch = 1000, 6
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, vocab, generator=gen)
+    words = torch.randint(-(2**31), 2**31 - 1, (batch, (vocab + 31) // 32), generator=gen)
+    words = words.to(torch.int32)
+    words[0] &= torch.randint(0, 2, words[0].shape, generator=gen, dtype=torch.int32) << 5
+    words[3] = 0
+    words[3, 31] = 1 << 7  # token 999 only
+    guides = [_Bits(words[i]) if i in (0, 1, 3, 4) else None for i in range(batch)]
+    params = [SamplingParams(temperature=0) for _ in range(batch)]
+    out = Sampler()(
+        logits,
+        params,
+        [None] * batch,
+        [[]] * batch,
+        [[]] * batch,
+        set(),
+        guides,  # type: ignore[arg-type]
+    )
+    allowed = bitmask_to_bool(words, vocab)  # [B, V], the pure-torch reference
+    expected = logits.masked_fill(~allowed, -torch.inf).argmax(-1)
+    for i in range(batch):
+        want = expected[i] if guides[i] is not None else logits[i].argmax()
+        assert out.token_ids[i] == int(want), i
+    assert out.token_ids[3] == 999
