@@ -149,10 +149,6 @@ class QuantWeights:
     head: QuantWeight  # the LM head, read at q8 by every quantized shape
     source: str  # "gguf" (the file's own blocks where they survive) or the quantize method
 
-    def nbytes(self, precision: str, down_q8: bool = True) -> int:
-        """Bytes of the planes a read at `precision` touches, the LM head (q8) included."""
-        return self._decoder_bytes(precision, down_q8) + self.head.nbytes("q8")
-
     def bits_per_weight(self, precision: str, down_q8: bool = True) -> float:
         """Mean bits a decoder weight costs at `precision`: codes, scales and minimums, with
         `down` read at q8 where `down_q8` (and it has a residual plane)."""
