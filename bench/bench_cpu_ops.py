@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from elasticserve.kernels.cpu import load
-from elasticserve.model.device import cpu_flags, cpu_model
+from elasticserve.model.device import cpu_model, kernel_flags
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64  # SmolLM2-135M
 QKV = HIDDEN + 2 * KV_HEADS * HEAD_DIM
@@ -312,7 +312,7 @@ def main() -> None:
     _print_packed(packed)
     meta = {
         "cpu": cpu_model(),
-        "flags": _flags(),
+        "flags": kernel_flags(),
         "threads": args.threads,
         "torch": torch.__version__,
     }
@@ -326,10 +326,6 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
-
-
-def _flags() -> list[str]:
-    return sorted(cpu_flags() & {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16"})
 
 
 def _print_packed(packed: list[dict]) -> None:
@@ -346,7 +342,7 @@ def print_gemms(args: argparse.Namespace) -> None:
     """Section 4 alone, written to its own JSON beside the full run's."""
     packed = packed_rows(load(), args.repeats)
     _print_packed(packed)
-    meta = {"cpu": cpu_model(), "flags": _flags(), "threads": args.threads}
+    meta = {"cpu": cpu_model(), "flags": kernel_flags(), "threads": args.threads}
     out = Path(args.out).with_name("bench_cpu_gemms.json")
     out.write_text(json.dumps({"meta": meta, "packed": packed}, indent=1) + "\n")
     print(f"wrote {out}")

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from elasticserve import LLM, SamplingParams
 from elasticserve.model.bundle import ModelBundle
-from elasticserve.model.device import cpu_flags, cpu_model
+from elasticserve.model.device import cpu_model, kernel_flags
 from elasticserve.model.shapes import ShapeSpec
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "austen"
@@ -56,15 +56,10 @@ def measure_bandwidth(mib: int = 512, reps: int = 5) -> float:
 
 def bytes_per_token(bundle: ModelBundle, spec: ShapeSpec) -> int:
     """Weight bytes one decode step reads: kept layers' linears + norms + the LM head."""
-    cfg = bundle.config
-    elem = torch.finfo(bundle.model.dtype).bits // 8
-    if bundle.native is not None:  # the native path keeps its norms in fp32
-        layers = sum(cfg.layer_params(spec.heads[i], spec.mlp[i]) for i in spec.layers)
-        norms = (2 * len(spec.layers) + 1) * cfg.hidden_size
-        return (layers + cfg.vocab_size * cfg.hidden_size) * elem + norms * 4
-    layers = sum(cfg.layer_params(spec.heads[i], spec.mlp[i]) for i in spec.layers)
-    norms = (2 * len(spec.layers) + 1) * cfg.hidden_size
-    return (layers + norms + cfg.vocab_size * cfg.hidden_size) * elem
+    norms = (2 * len(spec.layers) + 1) * bundle.config.hidden_size
+    # the native path keeps its norms in fp32
+    elem = 4 if bundle.native is not None else bundle.model.dtype.itemsize
+    return bundle.weight_bytes(spec) + norms * elem
 
 
 def prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
@@ -230,7 +225,7 @@ def main() -> None:
         del llms, first, hf
     meta = {
         "machine": cpu_model(),
-        "cpu_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}),
+        "cpu_flags": kernel_flags(),
         "threads": args.threads,
         "bandwidth_gb_s": round(max(bandwidths) / 1e9, 2),
         "bandwidth_samples_gb_s": [round(b / 1e9, 2) for b in bandwidths],

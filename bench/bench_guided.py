@@ -28,7 +28,7 @@ from elasticserve.engine import guided, sampling
 from elasticserve.engine.guided import GuidedDecodingParams
 from elasticserve.engine.llm import LLM
 from elasticserve.engine.sampling import SamplingParams
-from elasticserve.model.device import cpu_flags, cpu_model
+from elasticserve.model.device import cpu_model, kernel_flags
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "austen"
 ASK = "\n\nThe passage above, as a JSON record:\n"
@@ -194,9 +194,7 @@ def main() -> None:
         )
     meta = {
         "machine": cpu_model(),
-        "cpu_flags": sorted(
-            cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}
-        ),
+        "cpu_flags": kernel_flags(),
         "threads": args.threads,
         "model": llm.bundle.name,
         "dtype": str(llm.bundle.model.dtype).removeprefix("torch."),

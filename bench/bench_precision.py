@@ -20,7 +20,7 @@ import torch
 
 from elasticserve.engine.llm import LLM
 from elasticserve.engine.sampling import SamplingParams
-from elasticserve.model.device import cpu_flags, cpu_model
+from elasticserve.model.device import cpu_model, kernel_flags
 
 
 def front(rows: list[dict], cost: str, lower_is_better: bool = True) -> set[str]:
@@ -113,9 +113,7 @@ def main() -> None:
     print("* on the bytes/perplexity front, + on the batch-1 speed/perplexity front")
     meta = {
         "machine": cpu_model(),
-        "cpu_flags": sorted(
-            cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}
-        ),
+        "cpu_flags": kernel_flags(),
         "threads": args.threads,
         "dtype": str(bundle.model.dtype),
         "torch": torch.__version__,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from elasticserve.kernels.cpu import load
-from elasticserve.model.device import cpu_flags, cpu_model
+from elasticserve.model.device import cpu_model, kernel_flags
 from elasticserve.model.quant import quantize
 
 
@@ -85,7 +85,7 @@ def main() -> None:
         )
     meta = {
         "machine": cpu_model(),
-        "cpu_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}),
+        "cpu_flags": kernel_flags(),
         "vnni_kernels": bool(ext.vnni_supported()),
         "torch": torch.__version__,
         "args": vars(args),

@@ -115,20 +115,3 @@ def prefill_logits(
     )
     logits = bundle.model.forward(step)
     return [logits[sl] for sl in step.logit_slices]
-
-
-class BlockTables:
-    """Per-layer block tables handed out from one pool, as the block manager would."""
-
-    def __init__(self, block_size: int) -> None:
-        self.block_size = block_size
-        self.next = 0
-
-    def table(self, spec: ShapeSpec, tokens: int) -> list[list[int]]:
-        need = -(-tokens // self.block_size)
-        out = [
-            list(range(self.next + i * need, self.next + (i + 1) * need))
-            for i in range(len(spec.layers))
-        ]
-        self.next += need * len(spec.layers)
-        return out

@@ -65,12 +65,11 @@ class ModelBundle:
         (q8 planes for a quantized shape)."""
         cfg = self.config
         dense = self.model.dtype.itemsize
-        decoder = cfg.layer_params() * cfg.num_layers * dense * spec.weight_fraction
         if spec.shape.precision and self.quant is not None:
-            head = self.quant.head.nbytes("q8")
-        else:
-            head = cfg.vocab_size * cfg.hidden_size * dense
-        return int(decoder + head)
+            decoder = cfg.layer_params() * cfg.num_layers * dense * spec.weight_fraction
+            return int(decoder) + self.quant.head.nbytes("q8")
+        params = sum(cfg.layer_params(spec.heads[i], spec.mlp[i]) for i in spec.layers)
+        return (params + cfg.vocab_size * cfg.hidden_size) * dense
 
     def spec(self, shape: str | Shape | ShapeSpec | None) -> ShapeSpec:
         """Resolve a shape name (or None = full) against the grid, with a clear error."""

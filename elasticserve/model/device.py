@@ -34,6 +34,16 @@ def cpu_flags() -> frozenset[str]:
     return frozenset((_cpuinfo("flags") or "").split())
 
 
+KERNEL_FLAGS = frozenset(
+    {"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}
+)
+
+
+def kernel_flags() -> list[str]:
+    """The CPU flags the kernels dispatch on, sorted: what a benchmark records beside its CPU."""
+    return sorted(cpu_flags() & KERNEL_FLAGS)
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, else the platform's word for it."""
     return _cpuinfo("model name") or platform.processor() or platform.machine() or "cpu"

@@ -16,11 +16,9 @@ import torch
 
 from .decoder import ElasticModel
 from .quant import QuantWeight
-from .shapes import ShapeSpec
+from .shapes import PRECISION_ORDER, ShapeSpec
 from .step_plan import BiasTable, SeqChunk, step_order
 from .weights import QuantWeights
-
-PRECISION_CODES = {"": 0, "q8": 1, "q4": 2}  # es::Precision
 
 
 def _planes(q: QuantWeight, q4_reads_lo: bool = False) -> tuple[object, ...]:
@@ -60,7 +58,7 @@ class NativeDecoder:
             heads += list(spec.heads)
             mlp += list(spec.mlp)
             bias += [bias_rows.get((spec.shape.width, i), -1) for i in range(num_layers)]
-        precision = [PRECISION_CODES[spec.shape.precision] for spec in specs]
+        precision = [PRECISION_ORDER.index(spec.shape.precision) for spec in specs]
         if any(precision) and quant is None:
             raise ValueError("the grid has q8/q4 shapes but no quantized weights were given")
         tables = [torch.tensor(t, dtype=torch.int32) for t in (kept, heads, mlp, bias, precision)]

@@ -14,6 +14,14 @@ DENSE = ""  # the precision of the model's own dtype: no suffix in a shape name
 PRECISIONS = ("q8", "q4")  # the quantized precisions a pack may offer, most bytes first
 # bits a quantized shape reads per weight: the codes plus a float32 scale and minimum per 32
 PRECISION_BITS = {"q8": 8 + 2, "q4": 4 + 2}
+# a step's rows in this order of precision (each reads its own copy of the weights); a
+# precision's index is also its code in the native kernels (es::Precision)
+PRECISION_ORDER = (DENSE, *PRECISIONS)
+
+
+def precision_bits(precision: str) -> int:
+    """Bits read per weight at `precision`, against 16 for a dense weight of the model's dtype."""
+    return PRECISION_BITS.get(precision, 16)
 
 
 def parse_precisions(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -51,7 +59,7 @@ class Shape:
     @property
     def bits(self) -> int:
         """Bits read per weight, relative to a 16-bit dense weight for the model's dtype."""
-        return PRECISION_BITS.get(self.precision, 16)
+        return precision_bits(self.precision)
 
     @classmethod
     def parse(cls, text: str, num_layers: int) -> Shape:

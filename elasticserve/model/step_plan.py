@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .ops import Bands, make_bands
-from .shapes import ShapeSpec
+from .shapes import PRECISION_ORDER, ShapeSpec
 
 BiasTable = dict[
     tuple[float, int], tuple[torch.Tensor, torch.Tensor]
@@ -80,13 +80,26 @@ def step_order(chunks: Sequence[SeqChunk]) -> list[int]:
 
     def key(i: int) -> tuple[int, float, int, bool]:
         shape = chunks[i].spec.shape
-        rank = PRECISION_RANK[shape.precision]
+        rank = PRECISION_ORDER.index(shape.precision)
         return (rank, -shape.width, chunks[i].spec.id, chunks[i].num_computed == 0)
 
     return sorted(range(len(chunks)), key=key)
 
 
-PRECISION_RANK = {"": 0, "q8": 1, "q4": 2}
+class BlockPool:
+    """Block tables handed out from consecutive blocks of one scratch cache, one table per kept
+    layer, as the block manager would: for steps run outside the engine (evaluation, tests)."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.blocks = 0  # handed out so far
+
+    def table(self, spec: ShapeSpec, tokens: int) -> list[list[int]]:
+        need = -(-tokens // self.block_size)
+        start, self.blocks = self.blocks, self.blocks + need * len(spec.layers)
+        return [
+            list(range(start + i * need, start + (i + 1) * need)) for i in range(len(spec.layers))
+        ]
 
 
 def _slots(table: list[int], start: int, stop: int, block_size: int) -> list[int]:

@@ -169,13 +169,10 @@ def _group_order(channels: torch.Tensor) -> torch.Tensor | None:
         return None
     runs = channels.view(-1, QGROUP)
     starts = runs[:, 0]
-    if (starts % QGROUP).any() or not torch.equal(runs - starts[:, None], _arange_like(runs)):
+    within = torch.arange(QGROUP).expand_as(runs)
+    if (starts % QGROUP).any() or not torch.equal(runs - starts[:, None], within):
         return None
     return starts // QGROUP
-
-
-def _arange_like(runs: torch.Tensor) -> torch.Tensor:
-    return torch.arange(runs.shape[1]).expand_as(runs)
 
 
 def quantized_weights(
@@ -199,6 +196,14 @@ def quantized_weights(
         w = state[name].float()
         return quantize(w[rows] if rows is not None else w, method)
 
+    def own_columns(name: str, cols: torch.Tensor) -> tuple[QuantWeight, bool]:
+        """The weight with its input columns in order `cols`: the source's blocks moved as whole
+        groups where `cols` keeps them, else quantized anew (True: a source's blocks split)."""
+        groups = _group_order(cols)
+        if name in source and groups is not None:
+            return take_groups(source[name], groups), False
+        return quantize(state[name].float()[:, cols], method), name in source
+
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
@@ -211,19 +216,8 @@ def quantized_weights(
                 own(p + "self_attn.q_proj.weight", head_rows),
             ]
         )
-        o_name = p + "self_attn.o_proj.weight"
-        o_groups = _group_order(head_rows)
-        if o_name in source and o_groups is not None:
-            o = take_groups(source[o_name], o_groups)
-        else:
-            o = quantize(state[o_name].float()[:, head_rows], method)
-        down_name = p + "mlp.down_proj.weight"
-        down_groups = _group_order(chans)
-        if down_name in source and down_groups is not None:
-            down = take_groups(source[down_name], down_groups)
-        else:
-            down = quantize(state[down_name].float()[:, chans], method)
-        requantized = down_name in source and down_groups is None
+        o, _ = own_columns(p + "self_attn.o_proj.weight", head_rows)
+        down, requantized = own_columns(p + "mlp.down_proj.weight", chans)
         layers.append(
             QuantLayer(
                 qkv=qkv,

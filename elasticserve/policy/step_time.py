@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from statistics import median
 from typing import Any
 
-from ..model.shapes import Shape, ShapeSpec
+from ..model.shapes import Shape, ShapeSpec, precision_bits
 
 Coefficients = tuple[float, float, float, float]  # a (s), b (s/row), c (s/token), d (s/k pairs)
 RATIO_CLAMP = (0.1, 10.0)  # one observation moves the ratio at most this far: outliers are noise
@@ -49,7 +49,7 @@ def envelope(shapes: Iterable[Shape]) -> Shape:
     """The deepest depth, widest width and most bytes per weight among `shapes`: about what a
     step of them costs (a step of two precisions reads both copies: a little more)."""
     shapes = list(shapes)
-    precision = max((s.precision for s in shapes), key=lambda p: Shape(1, 1.0, p).bits)
+    precision = max((s.precision for s in shapes), key=precision_bits)
     return Shape(max(s.depth for s in shapes), max(s.width for s in shapes), precision)
 
 

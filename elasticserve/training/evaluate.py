@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..model.bundle import ModelBundle
 from ..model.shapes import ShapeSpec
-from ..model.step_plan import SeqChunk, build_step
+from ..model.step_plan import BlockPool, SeqChunk, build_step
 
 MAX_WINDOW = 512
 BATCH_TOKENS = 2048  # tokens per forward step: bounds the [T, vocab] fp32 logits to ~400 MB
@@ -39,18 +39,11 @@ def _native_logits(
     if native is None:
         return None
     cfg = bundle.config
-    chunks, next_block = [], 0
-    for w in batch:
-        blocks = -(-len(w) // BLOCK)
-        tables = [
-            list(range(next_block + i * blocks, next_block + (i + 1) * blocks))
-            for i in range(len(spec.layers))
-        ]
-        next_block += blocks * len(spec.layers)
-        chunks.append(SeqChunk(spec, w, block_table=tables, logits="all"))
+    pool = BlockPool(BLOCK)
+    chunks = [SeqChunk(spec, w, block_table=pool.table(spec, len(w)), logits="all") for w in batch]
     if not native.supports(chunks):
         return None
-    cache = torch.zeros(next_block * BLOCK, 2, cfg.num_kv_heads, cfg.head_dim)
+    cache = torch.zeros(pool.blocks * BLOCK, 2, cfg.num_kv_heads, cfg.head_dim)
     return native.forward(chunks, cache, BLOCK)
 
 

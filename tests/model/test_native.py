@@ -12,9 +12,9 @@ from elasticserve.engine.llm_engine import EngineConfig, LLMEngine
 from elasticserve.engine.sampling import SamplingParams
 from elasticserve.kernels.cpu import build
 from elasticserve.model.bundle import load_bundle
-from elasticserve.model.step_plan import SeqChunk, build_step
+from elasticserve.model.step_plan import BlockPool, SeqChunk, build_step
 
-from ..helpers import BlockTables, random_pack
+from ..helpers import random_pack
 
 pytestmark = pytest.mark.skipif(
     build.load() is None, reason="the native CPU kernels do not build here"
@@ -44,7 +44,7 @@ def test_mixed_prefill_and_decode_match_torch(bundle):
     lengths = [13, 1, 6, 9, 4]
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
     specs = [bundle.spec(s) for s in SHAPES]
-    pool = BlockTables(BLOCK)
+    pool = BlockPool(BLOCK)
     tables = [pool.table(s, n + 8) for s, n in zip(specs, lengths, strict=True)]
     done = [0] * len(prompts)
     # step 0: whole prompts but one split in two chunks; then chunked rest + decodes, all "all"

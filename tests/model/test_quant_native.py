@@ -11,10 +11,9 @@ from elasticserve.engine.sampling import SamplingParams
 from elasticserve.kernels.cpu import build
 from elasticserve.model.bundle import load_bundle
 from elasticserve.model.quant import dequantize
-from elasticserve.model.step_plan import SeqChunk
+from elasticserve.model.step_plan import BlockPool, SeqChunk
 
 from ..conftest import requires_default_model
-from ..helpers import BlockTables
 
 pytestmark = pytest.mark.skipif(
     build.load() is None, reason="the native CPU kernels do not build here"
@@ -54,7 +53,7 @@ def _run(bundle, names, prompts, cache_rows=600):
     cfg = bundle.config
     cache = kv_cache.allocate(cfg, cache_rows, BLOCK, torch.float32, torch.device("cpu"))
     specs = [bundle.spec(n) for n in names]
-    pool = BlockTables(BLOCK)
+    pool = BlockPool(BLOCK)
     tables = [pool.table(s, len(p) + 4) for s, p in zip(specs, prompts, strict=True)]
     out = []
     steps = [prompts] + [[[7 + len(p) + k] for p in prompts] for k in range(3)]

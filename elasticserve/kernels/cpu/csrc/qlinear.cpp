@@ -310,14 +310,22 @@ void qblock(const QMat& w, const QuantX& x, const Band* bands, int nb, Flavour f
   }
 }
 
+// The call's blocks shared out on the OpenMP team, in one ISA's tiles.
+template <typename Isa>
+void run_blocks_with(const QMat& w, bool lo, const QuantX& x, const Band* bands, int nb,
+                     Flavour flavour, float* y, int64_t ldy, bool accumulate,
+                     const Block* blocks, int64_t nblocks) {
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < nblocks; ++i) {
+    if (lo) qblock<Isa, true>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
+    else qblock<Isa, false>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
+  }
+}
+
 void run_qblocks(const QMat& w, bool lo, const QuantX& x, const Band* bands, int nb,
                  Flavour flavour, float* y, int64_t ldy, bool accumulate, const Block* blocks,
                  int64_t nblocks) {
-#pragma omp for schedule(static)
-  for (int64_t i = 0; i < nblocks; ++i) {
-    if (lo) qblock<Avx2, true>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
-    else qblock<Avx2, false>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
-  }
+  run_blocks_with<Avx2>(w, lo, x, bands, nb, flavour, y, ldy, accumulate, blocks, nblocks);
 }
 
 #pragma GCC pop_options
@@ -411,11 +419,7 @@ struct Vnni {
 void run_qblocks_vnni(const QMat& w, bool lo, const QuantX& x, const Band* bands, int nb,
                       Flavour flavour, float* y, int64_t ldy, bool accumulate,
                       const Block* blocks, int64_t nblocks) {
-#pragma omp for schedule(static)
-  for (int64_t i = 0; i < nblocks; ++i) {
-    if (lo) qblock<Vnni, true>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
-    else qblock<Vnni, false>(w, x, bands, nb, flavour, y, ldy, accumulate, blocks[i]);
-  }
+  run_blocks_with<Vnni>(w, lo, x, bands, nb, flavour, y, ldy, accumulate, blocks, nblocks);
 }
 
 #pragma GCC pop_options

@@ -23,6 +23,7 @@ constexpr int64_t QGROUP = 32;
 // 2 % perplexity at q4)
 constexpr int32_t XRES = 256;
 
+// the indices of model/shapes.py PRECISION_ORDER
 enum class Precision : int32_t { DENSE = 0, Q8 = 1, Q4 = 2 };
 
 struct QMat {
