@@ -21,20 +21,20 @@ void embed_row(const Mat& e, int64_t token, float* out) {
   for (int64_t i = 0; i < e.cols; ++i) out[i] = weight_at(e, token, i);
 }
 
-// Runs of equal width from per-row widths (rows in step order), widest first.
-void make_bands(const std::vector<int32_t>& widths, std::vector<Band>& bands, const char* what) {
+// Runs of equal width from the widths of n rows (rows in step order), widest first.
+void make_bands(const int32_t* widths, int32_t n, std::vector<Band>& bands, const char* what) {
   bands.clear();
-  for (size_t r = 0; r < widths.size(); ++r) {
+  for (int32_t r = 0; r < n; ++r) {
     const int32_t w = widths[r];
     if (!bands.empty() && bands.back().width == w) {
-      bands.back().row_end = int32_t(r + 1);
+      bands.back().row_end = r + 1;
       continue;
     }
     if (!bands.empty() && bands.back().width < w)
       throw std::invalid_argument(std::string("step rows are not sorted by ") + what +
                                   " width: " + std::to_string(bands.back().width) + " then " +
                                   std::to_string(w));
-    bands.push_back({int32_t(r + 1), w});
+    bands.push_back({r + 1, w});
   }
 }
 
@@ -48,28 +48,29 @@ struct Run {
 };
 
 // Splits a layer's active rows into runs of one precision (each precision once: the rows come
-// sorted by it) and makes each run's bands.
+// sorted by it) and makes each run's bands; `runs` keeps its storage from step to step.
 void make_runs(const std::vector<Precision>& precision, const std::vector<int32_t>& qkv_w,
                const std::vector<int32_t>& attn_w, const std::vector<int32_t>& mlp_w,
                std::vector<Run>& runs) {
-  runs.clear();
+  size_t count = 0;
   for (size_t r = 0; r < precision.size(); ++r) {
-    if (!runs.empty() && runs.back().precision == precision[r]) {
-      runs.back().end = int32_t(r + 1);
+    if (count > 0 && runs[count - 1].precision == precision[r]) {
+      runs[count - 1].end = int32_t(r + 1);
       continue;
     }
-    for (const Run& run : runs)
-      if (run.precision == precision[r])
+    for (size_t i = 0; i < count; ++i)
+      if (runs[i].precision == precision[r])
         throw std::invalid_argument("step rows are not sorted by precision" + at_row(int64_t(r)));
-    runs.push_back({int32_t(r), int32_t(r + 1), precision[r], {}, {}, {}});
+    if (runs.size() <= count) runs.emplace_back();
+    Run& run = runs[count++];
+    run.start = int32_t(r), run.end = int32_t(r + 1), run.precision = precision[r];
   }
+  runs.resize(count);
   for (Run& run : runs) {
-    auto slice = [&](const std::vector<int32_t>& w) {
-      return std::vector<int32_t>(w.begin() + run.start, w.begin() + run.end);
-    };
-    make_bands(slice(qkv_w), run.qkv, "head");
-    make_bands(slice(attn_w), run.attn, "head");
-    make_bands(slice(mlp_w), run.mlp, "MLP");
+    const int32_t n = run.end - run.start;
+    make_bands(qkv_w.data() + run.start, n, run.qkv, "head");
+    make_bands(attn_w.data() + run.start, n, run.attn, "head");
+    make_bands(mlp_w.data() + run.start, n, run.mlp, "MLP");
   }
 }
 
