@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <vector>
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -127,13 +128,50 @@ void silu_mul(float* gate, const float* up, int64_t n) {
   }
 }
 
+namespace {
+
+// Eight dot products of q with keys k[0..7], hd a multiple of 8: eight independent FMA chains
+// (one chain per score is latency-bound), reduced together by a horizontal-add tree.
+inline __m256 dot8(const float* q, const float* const* k, int hd) {
+  __m256 a[8];
+  for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+  for (int i = 0; i < hd; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[u] + i), a[u]);
+  }
+  // [a0 a1 a2 a3 (low halves) | the same, high halves], then the same for a4..a7
+  const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+}  // namespace
+
 void attend(const float* q, int64_t q_stride, int ranks, const float* cache, int64_t slot_stride,
             int64_t k_off, int64_t v_off, const int32_t* blocks, int32_t bs, int64_t ctx, int hd,
             float scale, float* scores, float* out, int64_t out_stride) {
   const bool vec = hd % 8 == 0;
-  for (int64_t t = 0; t < ctx; ++t) {
-    const int64_t slot = int64_t(blocks[t / bs]) * bs + t % bs;
-    const float* k = cache + slot * slot_stride + k_off;
+  // each position's offset in the cache, walked block by block (a division per key costs as much
+  // as its dot product)
+  thread_local std::vector<int64_t> offsets;
+  offsets.resize(size_t(ctx));
+  for (int64_t t = 0; t < ctx; t += bs) {
+    const int64_t base = int64_t(blocks[t / bs]) * bs * slot_stride;
+    for (int64_t u = t; u < t + bs && u < ctx; ++u) offsets[u] = base + (u - t) * slot_stride;
+  }
+  const auto key = [&](int64_t t) { return cache + offsets[t] + k_off; };
+  int64_t t = 0;
+  if (vec) {
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (; t + 8 <= ctx; t += 8) {
+      const float* k[8];
+      for (int u = 0; u < 8; ++u) k[u] = key(t + u);
+      for (int j = 0; j < ranks; ++j)
+        _mm256_storeu_ps(scores + j * ctx + t, _mm256_mul_ps(dot8(q + j * q_stride, k, hd), sv));
+    }
+  }
+  for (; t < ctx; ++t) {
+    const float* k = key(t);
     for (int j = 0; j < ranks; ++j) {
       const float* qj = q + j * q_stride;
       float s = 0;
@@ -178,8 +216,7 @@ void attend(const float* q, int64_t q_stride, int ranks, const float* cache, int
       const int nv = hd / 8;
       for (int i = 0; i < nv; ++i) acc[i] = _mm256_setzero_ps();
       for (int64_t t = 0; t < ctx; ++t) {
-        const int64_t slot = int64_t(blocks[t / bs]) * bs + t % bs;
-        const float* v = cache + slot * slot_stride + v_off;
+        const float* v = cache + offsets[t] + v_off;
         const __m256 pt = _mm256_set1_ps(p[t]);
         for (int i = 0; i < nv; ++i)
           acc[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * i), acc[i]);
@@ -188,8 +225,7 @@ void attend(const float* q, int64_t q_stride, int ranks, const float* cache, int
     } else {
       for (int i = 0; i < hd; ++i) o[i] = 0;
       for (int64_t t = 0; t < ctx; ++t) {
-        const int64_t slot = int64_t(blocks[t / bs]) * bs + t % bs;
-        const float* v = cache + slot * slot_stride + v_off;
+        const float* v = cache + offsets[t] + v_off;
         for (int i = 0; i < hd; ++i) o[i] += p[t] * v[i];
       }
     }
