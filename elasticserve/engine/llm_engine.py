@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,23 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True  # reuse the KV of a prompt's cached prefix, same shape
+    # which shapes share a cached prefix: "exact" (only the shape that computed it) or
+    # "precision" (shapes that differ only in weight precision: BENCHMARKS.md measures the cost)
+    prefix_cache_sharing: str = "exact"
+
+
+PREFIX_CACHE_SHARING = ("exact", "precision")
+
+
+def prefix_cache_keys(specs: Iterable[ShapeSpec], sharing: str) -> list[int]:
+    """Per shape id, the key its cached blocks go under. "exact": its own id. "precision": the
+    first id with the same layers and widths, so q8/q4 and dense siblings share a prefix."""
+    if sharing not in PREFIX_CACHE_SHARING:
+        raise ValueError(f"prefix_cache_sharing must be one of {PREFIX_CACHE_SHARING}: {sharing!r}")
+    if sharing == "exact":
+        return [spec.id for spec in specs]
+    first: dict[tuple[tuple[int, ...], ...], int] = {}
+    return [first.setdefault((s.layers, s.heads, s.mlp), s.id) for s in specs]
 
 
 class LLMEngine:
@@ -75,6 +92,7 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
+        self._cache_keys = prefix_cache_keys(bundle.specs, config.prefix_cache_sharing)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -183,7 +201,7 @@ class LLMEngine:
             arrival_time=arrival_time,
             stop_token_ids=frozenset(params.stop_token_ids or ())
             | (frozenset() if params.ignore_eos else self.eos_token_ids),
-            cache_key=spec.id,
+            cache_key=self._cache_keys[spec.id],
             pending_forks=size - 1,
             skip_reading_prefix_cache=params.prompt_logprobs is not None,
         )
@@ -231,7 +249,7 @@ class LLMEngine:
             )
         if spec.layers != req.seq.layers:
             self.block_manager.drop_layers(req.seq, spec.layers)
-        if spec.id != req.spec.id and req.seq.block_table:
+        if self._cache_keys[spec.id] != req.seq.cache_key and req.seq.block_table:
             req.seq.cache_key = None  # its K/V now mix two shapes: exact for neither
         req.spec = spec
 
@@ -312,7 +330,7 @@ class LLMEngine:
             return []
         self.num_preemptions += len(out.preempted)
         for seq in out.preempted:  # recomputed from scratch, at its current shape: exact again
-            seq.cache_key = self.requests[seq.seq_id].spec.id
+            seq.cache_key = self._cache_keys[self.requests[seq.seq_id].spec.id]
         self._fork(out)
         if copies := self.block_manager.take_copies():
             kv_cache.copy_blocks(self.runner.cache, copies, self.config.block_size)
@@ -356,7 +374,7 @@ class LLMEngine:
                 len(spec.layers), seq.num_prompt_tokens + seq.max_tokens
             )
             if need <= self.block_manager.num_blocks:  # no KV yet: any depth that can fit
-                seq.layers, req.spec, seq.cache_key = spec.layers, spec, spec.id
+                seq.layers, req.spec, seq.cache_key = spec.layers, spec, self._cache_keys[spec.id]
                 self.shape_switches["queued"] += 1
 
     def _load_state(self, now: float) -> LoadState:

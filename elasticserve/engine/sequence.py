@@ -40,9 +40,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[list[int]] = field(default_factory=list)  # [kept layer][logical block]
     num_preemptions: int = 0
-    # prefix caching: the key its full blocks are registered and looked up under (the shape id;
-    # None: never), the registered entries of its leading blocks, and the prompt tokens its
-    # first admission found cached
+    # prefix caching: the key its full blocks are registered and looked up under (the shape id,
+    # or with precision sharing the id of its dense sibling; None: never), the registered
+    # entries of its leading blocks, and the prompt tokens its first admission found cached
     cache_key: int | None = None
     cached_chain: list[CachedBlock] = field(default_factory=list)
     num_cached_tokens: int = 0

@@ -76,6 +76,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="reuse the KV cache of a prompt's cached prefix, computed at the same shape",
     )
     parser.add_argument(
+        "--prefix-cache-sharing",
+        choices=("exact", "precision"),
+        default="exact",
+        help="exact: a cached prefix serves only the shape that computed it; precision: also "
+        "the shapes that differ from it only in weight precision (an approximation, measured in "
+        "BENCHMARKS.md)",
+    )
+    parser.add_argument(
         "--max-waiting", type=int, default=256, help="queue length beyond which requests get 429"
     )
     parser.add_argument("--log-level", default="info", help="uvicorn log level")

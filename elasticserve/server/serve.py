@@ -101,6 +101,7 @@ def _load_engine(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
+        prefix_cache_sharing=args.prefix_cache_sharing,
     )
     engine = AsyncLLMEngine(LLMEngine(bundle, config, policy=policy), args.max_waiting)
     return bundle, engine, profile

@@ -8,6 +8,7 @@ from elasticserve import EngineConfig, SamplingParams
 from elasticserve.engine.llm_engine import LLMEngine
 from elasticserve.model.bundle import load_bundle
 
+from ..conftest import requires_default_model
 from ..helpers import random_pack
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -90,3 +91,37 @@ def test_aborted_and_preempted_requests_leave_reusable_blocks_and_no_leak(bundle
     assert all(s.num_cached_tokens >= 64 for s in seqs)
     stats = engine.stats()
     assert stats.kv_usage == 0.0 and stats.num_free_blocks == stats.num_blocks
+
+
+@requires_default_model
+@pytest.mark.parametrize("shape", ["full", "d24-w0.75-q4"])
+def test_default_model_chat_equal_with_and_without_caching(shape):
+    """The real model through its chat template: a 4-turn conversation whose later turns hit the
+    cache gives the greedy tokens of the same conversation prefilled from scratch."""
+    default = load_bundle()
+    tok = default.tokenizer
+    engines = {
+        on: LLMEngine(default, EngineConfig(enable_prefix_caching=on)) for on in (True, False)
+    }
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    questions = ["Who is Anne Elliot?", "Why?", "Say it in French.", "And shorter?"]
+    answers: dict[bool, list[list[int]]] = {True: [], False: []}
+    cached: list[int] = []
+    for on, engine in engines.items():
+        history: list[dict[str, str]] = []
+        for question in questions:
+            history.append({"role": "user", "content": question})
+            text = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+            prompt = tok(text, add_special_tokens=False)["input_ids"]
+            request_id = engine.add_request(prompt, params, shape)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id == request_id:
+                        last = out
+            answers[on].append(last.outputs[0].token_ids)
+            if on:
+                cached.append(last.num_cached_tokens)
+            history.append({"role": "assistant", "content": last.outputs[0].text})
+        assert engine.stats().kv_usage == 0.0
+    assert answers[True] == answers[False]
+    assert cached[0] == 0 and all(c > 0 for c in cached[1:])

@@ -7,6 +7,7 @@ import torch
 
 from elasticserve.engine import kv_cache
 from elasticserve.engine.llm import LLM
+from elasticserve.engine.llm_engine import EngineConfig, LLMEngine
 from elasticserve.engine.sampling import SamplingParams
 from elasticserve.kernels.cpu import build
 from elasticserve.model.bundle import load_bundle
@@ -132,3 +133,33 @@ def test_default_model_q4_shape_reads_the_files_own_blocks():
         assert q.down_requantized  # the pack's channel order splits Q4_1 blocks
     head = dequantize(quant.head, "q8").to(weights.lm_head.dtype)
     assert torch.equal(head, weights.lm_head)  # the file's Q8_0 embedding, exactly
+
+
+def test_precision_sharing_lets_dense_and_quantized_siblings_share_a_prefix(qbundle):
+    """Default "exact": a q4 shape never reads the dense shape's prefix. "precision": the same
+    layers and widths at another precision reuse it; other widths still do not."""
+    prompt = list(range(3, 40))
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    def cached(engine, shape):
+        request_id = engine.add_request(prompt, greedy, shape)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished and out.request_id == request_id:
+                    last = out
+        return last.num_cached_tokens
+
+    full_blocks = (len(prompt) - 1) // BLOCK * BLOCK
+    exact = LLMEngine(qbundle, EngineConfig(block_size=BLOCK))
+    shared = LLMEngine(qbundle, EngineConfig(block_size=BLOCK, prefix_cache_sharing="precision"))
+    for engine in (exact, shared):
+        assert cached(engine, "full") == 0
+    assert cached(exact, "full-q4") == 0
+    assert cached(shared, "full-q4") == full_blocks
+    assert cached(shared, "full-q8") == full_blocks
+    assert cached(shared, "w0.75-q4") == 0  # other widths: other K/V
+    assert cached(shared, "w0.75") == full_blocks  # ... computed just before, at q4
+    for engine in (exact, shared):
+        assert engine.stats().kv_usage == 0.0
+    with pytest.raises(ValueError, match="prefix_cache_sharing"):
+        LLMEngine(qbundle, EngineConfig(prefix_cache_sharing="width"))
