@@ -17,6 +17,7 @@ from pathlib import Path
 from elasticserve.engine.llm_engine import EngineConfig, LLMEngine
 from elasticserve.engine.sampling import SamplingParams
 from elasticserve.model.bundle import load_bundle
+from elasticserve.model.device import cpu_model, kernel_flags
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/austen/persuasion.txt"
 
@@ -99,6 +100,7 @@ def main() -> None:
         }
         for mode in ("on", "off")
     }
+    print(f"CPU: {cpu_model()}, flags: {' '.join(kernel_flags())}; {args.rounds} rounds")
     print(f"{'caching':8} {'TTFT turn 1':>12} {'TTFT turns 2+':>14} {'tok/s':>8} {'hit rate':>9}")
     for mode, row in rows.items():
         print(
@@ -111,6 +113,8 @@ def main() -> None:
     print(f"turns 2+ median TTFT off/on: {ratio:.2f}x; throughput on/off: {throughput:.2f}x")
     result = {
         "args": vars(args),
+        "cpu": cpu_model(),
+        "cpu_flags": kernel_flags(),
         "modes": rows,
         "ttft_ratio": ratio,
         "throughput_ratio": throughput,
