@@ -412,9 +412,13 @@ def _final_output(
 ) -> RequestOutput:
     """The finished output of a request cut short (abort or engine error), from what it had."""
     if last is not None:
-        # nothing new since `last`: its text went out with it
-        completion = dataclasses.replace(last.outputs[0], finish_reason=reason, text_delta="")
-        return dataclasses.replace(last, outputs=[completion], finished=True, error=error)
+        # nothing new since `last`: its text went out with it; every choice of an n > 1 request
+        # is kept, a choice that had finished keeps its own reason
+        choices = [
+            dataclasses.replace(c, finish_reason=c.finish_reason or reason, text_delta="")
+            for c in last.outputs
+        ]
+        return dataclasses.replace(last, outputs=choices, finished=True, error=error)
     shape = req.spec.name if req is not None else ""
     return RequestOutput(
         request_id=request_id,

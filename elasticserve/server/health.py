@@ -24,12 +24,14 @@ def router(server: ServerState) -> APIRouter:
             raise APIError(503, "the engine is not running", "server_error")
         return JSONResponse({"status": "ok", **dataclasses.asdict(server.engine.stats())})
 
-    @routes.api_route("/ping", methods=["GET", "POST"])
     async def ping() -> Response:
         """vLLM's (and SageMaker's) liveness probe: 200 with no body while the engine runs."""
         if not server.engine.is_running:
             raise APIError(503, "the engine is not running", "server_error")
         return Response(status_code=200)
+
+    for method in ("GET", "POST"):  # one operation per method: OpenAPI ids must be unique
+        routes.add_api_route("/ping", ping, methods=[method], operation_id=f"ping_{method.lower()}")
 
     @routes.get("/version", response_model=VersionResponse)
     async def version() -> VersionResponse:

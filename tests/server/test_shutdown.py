@@ -101,3 +101,28 @@ def test_sigterm_drains_then_fails_the_rest_exits_and_a_restart_serves(tiny_llam
     finally:
         again.terminate()
         assert again.wait(DRAIN_S + 30) in (0, -signal.SIGTERM)
+
+
+def test_a_request_cut_short_keeps_every_choice():
+    """An n > 1 request aborted or failed mid-way ends every choice, keeping what each had."""
+    from elasticserve.engine.outputs import CompletionOutput, RequestOutput
+    from elasticserve.server.async_engine import _final_output
+
+    last = RequestOutput(
+        request_id="r",
+        prompt="p",
+        prompt_token_ids=[1],
+        outputs=[
+            CompletionOutput(0, "ab", [5, 6], finish_reason="stop", text_delta="b"),
+            CompletionOutput(1, "a", [5], text_delta="a"),
+        ],
+        finished=False,
+        shape="full",
+        narrowest_shape="full",
+    )
+    out = _final_output("r", last, None, "abort", "shutting down")
+    assert out.finished and out.error == "shutting down"
+    assert [(c.index, c.text, c.finish_reason, c.text_delta) for c in out.outputs] == [
+        (0, "ab", "stop", ""),
+        (1, "a", "abort", ""),
+    ]

@@ -176,6 +176,12 @@ def test_tokenizer_endpoints_refuse_bad_input(srv):
 def test_ping_version_and_model_permissions(srv):
     assert srv.http.get("/ping").status_code == 200
     assert srv.http.post("/ping").status_code == 200
+    ids = [
+        op["operationId"]
+        for path in srv.http.get("/openapi.json").json()["paths"].values()
+        for op in path.values()
+    ]
+    assert len(ids) == len(set(ids))  # one operation per method, no duplicate-id warning
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", srv.http.get("/version").json()["version"])
     card = srv.http.get("/v1/models").json()["data"][0]
     assert card["permission"][0]["object"] == "model_permission"
