@@ -49,10 +49,12 @@ class PromptEncoder:
         )
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="elasticserve-tokenize")
 
-    async def text(self, prompt: str, param: str = "prompt") -> list[int]:
+    async def text(
+        self, prompt: str, param: str = "prompt", add_special_tokens: bool = True
+    ) -> list[int]:
         """A completion prompt's ids (with the BOS the model expects); specials are parsed."""
         self._check_chars(len(prompt), param)
-        return await self._run(self._encode_prompt, prompt, param)
+        return await self._run(self._encode_prompt, prompt, param, add_special_tokens)
 
     def token_ids(self, prompt: Sequence[int], param: str = "prompt") -> list[int]:
         """A prompt sent as ids, refused at once when it cannot fit the context."""
@@ -97,9 +99,9 @@ class PromptEncoder:
         out = self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special)
         return list(out["input_ids"])
 
-    def _encode_prompt(self, prompt: str, param: str) -> list[int]:
+    def _encode_prompt(self, prompt: str, param: str, add_special_tokens: bool) -> list[int]:
         _valid_text(prompt, param)
-        ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        ids = list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
         return self._check_tokens(ids, param)
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:

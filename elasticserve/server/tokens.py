@@ -22,23 +22,16 @@ def router(server: ServerState) -> APIRouter:
     @routes.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> TokenizeResponse:
         server.resolve_shape(body.model)  # an unknown model is a 404 here too
+        # the ids the server would run: the same encoder (on its thread, length-checked, chat
+        # content tokenized as text) as the completion and chat endpoints
         tokenizer = server.tokenizer
         if isinstance(body, TokenizeChatRequest):
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            try:
-                text = tokenizer.apply_chat_template(
-                    messages,
-                    tokenize=False,
-                    add_generation_prompt=body.add_generation_prompt is not False,
-                )
-            except Exception as exc:  # jinja2 errors: the template refused this conversation
-                raise APIError(
-                    400, f"the chat template rejected the messages: {exc}", param="messages"
-                ) from exc
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            add = body.add_generation_prompt is not False
+            ids = await server.prompts.chat(messages, add_generation_prompt=add)
         else:
             special = body.add_special_tokens is not False
-            ids = tokenizer(body.prompt, add_special_tokens=special)["input_ids"]
+            ids = await server.prompts.text(body.prompt, add_special_tokens=special)
         strs = list(tokenizer.convert_ids_to_tokens(ids)) if body.return_token_strs else None
         return TokenizeResponse(
             count=len(ids),
