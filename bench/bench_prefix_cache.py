@@ -1,7 +1,8 @@
 """Multi-turn chat TTFT with prefix caching on vs off, same model, same run, interleaved.
 
 8 conversations of 6 turns; each turn appends ~100 tokens of held-out text (persuasion.txt) and
-the previous answer to the history, the 8 conversations' turn k arriving together. Each round
+the previous answer to the history; the 8 conversations' turn k arrive together, or each
+conversation sends its next turn when its answer ends (`--arrivals closed`). Each round
 runs every turn once with caching on and once off, alternating which goes first. Prints the
 median TTFT of turns >= 2 per mode and their ratio, and total throughput; writes JSON.
 """
@@ -36,30 +37,45 @@ def conversation_pieces(tokenizer, conversations: int, turns: int, size: int) ->
     return pieces
 
 
-def run_round(engine: LLMEngine, pieces: list[list[str]], max_tokens: int) -> dict:
-    """All conversations, turn by turn; TTFT of every request and the round's tokens/s."""
+def run_round(engine: LLMEngine, pieces: list[list[str]], max_tokens: int, closed: bool) -> dict:
+    """Every conversation's turns; TTFT of every request by turn and the round's tokens/s.
+
+    together: turn k of every conversation arrives once turn k-1 of all of them has ended.
+    closed: each conversation is its own client that sends its next turn as soon as its answer
+    ends (vLLM's multi-turn benchmark, no think time); they start together.
+    """
     tok = engine.tokenizer
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     histories: list[list[dict[str, str]]] = [[] for _ in pieces]
+    turns = [0] * len(pieces)  # the turn each conversation sends next
     ttft: dict[int, list[float]] = {}
+    pending: dict[str, tuple[int, int, float]] = {}  # request id -> (conversation, turn, sent)
     tokens, start = 0, time.perf_counter()
-    for turn in range(len(pieces[0])):
-        sent, ids = {}, {}
-        for c, convo in enumerate(pieces):
-            histories[c].append({"role": "user", "content": convo[turn]})
-            text = tok.apply_chat_template(histories[c], tokenize=False, add_generation_prompt=True)
-            prompt = tok(text, add_special_tokens=False)["input_ids"]
-            ids[engine.add_request(prompt, params)] = c
-            sent[c] = time.perf_counter()
-            tokens += len(prompt)
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                c = ids[out.request_id]
-                if out.outputs[0].num_tokens == 1:
-                    ttft.setdefault(turn, []).append(time.perf_counter() - sent[c])
-                if out.finished:
-                    histories[c].append({"role": "assistant", "content": out.outputs[0].text})
-                    tokens += out.outputs[0].num_tokens
+
+    def send(c: int) -> None:
+        nonlocal tokens
+        histories[c].append({"role": "user", "content": pieces[c][turns[c]]})
+        text = tok.apply_chat_template(histories[c], tokenize=False, add_generation_prompt=True)
+        prompt = tok(text, add_special_tokens=False)["input_ids"]
+        pending[engine.add_request(prompt, params)] = (c, turns[c], time.perf_counter())
+        turns[c] += 1
+        tokens += len(prompt)
+
+    while pending or min(turns) < len(pieces[0]):
+        if not pending:  # the start, and in `together` every turn's start
+            for c in range(len(pieces)):
+                send(c)
+        for out in engine.step():
+            c, turn, sent = pending[out.request_id]
+            if out.outputs[0].num_tokens == 1:
+                ttft.setdefault(turn, []).append(time.perf_counter() - sent)
+            if not out.finished:
+                continue
+            histories[c].append({"role": "assistant", "content": out.outputs[0].text})
+            tokens += out.outputs[0].num_tokens
+            del pending[out.request_id]
+            if closed and turns[c] < len(pieces[c]):
+                send(c)
     return {"ttft": ttft, "tokens_per_s": tokens / (time.perf_counter() - start)}
 
 
@@ -70,6 +86,13 @@ def main() -> None:
     parser.add_argument("--turn-tokens", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--arrivals",
+        choices=("together", "closed"),
+        default="together",
+        help="together: turn k of all conversations at once; closed: each conversation sends "
+        "its next turn when its answer ends",
+    )
     parser.add_argument("--out", default="bench/results/prefix_cache.json")
     args = parser.parse_args()
     bundle = load_bundle()
@@ -85,7 +108,7 @@ def main() -> None:
         for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
             engine = engines[mode]
             engine.block_manager.reset_cache()  # every round starts cold
-            result = run_round(engine, pieces, args.max_tokens)
+            result = run_round(engine, pieces, args.max_tokens, args.arrivals == "closed")
             first[mode] += result["ttft"][0]
             later[mode] += [t for turn, ts in result["ttft"].items() if turn > 0 for t in ts]
             rate[mode].append(result["tokens_per_s"])
@@ -101,6 +124,7 @@ def main() -> None:
         for mode in ("on", "off")
     }
     print(f"CPU: {cpu_model()}, flags: {' '.join(kernel_flags())}; {args.rounds} rounds")
+    print(f"{args.conversations} conversations x {args.turns} turns, arrivals {args.arrivals}")
     print(f"{'caching':8} {'TTFT turn 1':>12} {'TTFT turns 2+':>14} {'tok/s':>8} {'hit rate':>9}")
     for mode, row in rows.items():
         print(
