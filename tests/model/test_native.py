@@ -69,6 +69,32 @@ def test_mixed_prefill_and_decode_match_torch(bundle):
     assert torch.allclose(caches[0][used], caches[1][used], atol=1e-5)
 
 
+def test_long_contexts_match_torch(bundle):
+    """Contexts past one 64-key pass of the tiled attention (its online softmax rescales), a
+    prefill chunk over a long cached prefix, and decodes over it, at two shapes in one step."""
+    cfg = bundle.config
+    caches = [kv_cache.allocate(cfg, 1024, BLOCK, torch.float32, torch.device("cpu")) for _ in "ab"]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (150, 77)]
+    specs = [bundle.spec("full"), bundle.spec("d5-w0.75")]
+    pool = BlockPool(BLOCK)
+    tables = [pool.table(s, len(p) + 3) for s, p in zip(specs, prompts, strict=True)]
+    plans = [[prompts[0][:100], prompts[1][:3]], [prompts[0][100:], prompts[1][3:]]]
+    plans += [[[7 + k], [9 + k]] for k in range(3)]
+    done = [0, 0]
+    for pieces in plans:
+        chunks = [
+            SeqChunk(spec, ids, done[i], tables[i], "all")
+            for i, (spec, ids) in enumerate(zip(specs, pieces, strict=True))
+        ]
+        want, want_slices = torch_step(bundle, chunks, caches[0])
+        got, got_slices = bundle.native.forward(chunks, caches[1], BLOCK)
+        for a, b in zip(want_slices, got_slices, strict=True):
+            assert (want[a] - got[b]).abs().max().item() <= 1e-4 * want[a].abs().max().item()
+        for i, ids in enumerate(pieces):
+            done[i] += len(ids)
+
+
 def test_bad_indices_are_refused(bundle):
     cfg = bundle.config
     cache = kv_cache.allocate(cfg, 16, BLOCK, torch.float32, torch.device("cpu"))

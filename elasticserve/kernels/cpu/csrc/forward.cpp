@@ -148,6 +148,8 @@ void Forward::run(const Step& s, float* logits, int threads) {
   int64_t max_ctx = 1;
   for (int64_t r = 0; r < T; ++r) max_ctx = std::max(max_ctx, s.positions[r] + 1);
   const int max_ranks = m.num_heads / m.num_kv_heads;
+  const bool tiled = hd % 8 == 0 && hd <= 128;  // attend_tile's register tile; else row by row
+  constexpr int32_t TILE = 8;  // rows of a tile: keys read once for eight query rows
 
   x_.resize(T * H);
   xl_.resize(T * H);
@@ -156,7 +158,7 @@ void Forward::run(const Step& s, float* logits, int threads) {
   attn_.resize(T * lda);
   gate_.resize(T * I);
   up_.resize(T * I);
-  scores_.resize(size_t(omp_get_max_threads()) * max_ranks * max_ctx);
+  if (!tiled) scores_.resize(size_t(omp_get_max_threads()) * max_ranks * max_ctx);
   const bool wide = T > 8;  // small ops go parallel only when there are enough rows
 
 #pragma omp parallel for if (wide)
@@ -209,16 +211,41 @@ void Forward::run(const Step& s, float* logits, int threads) {
       std::memcpy(s.cache + slot * slot_stride, row, slot_stride * sizeof(float));  // v, k
     }
 
-    // every row's new K/V is in the cache before any row attends (a prefill chunk's own keys)
-#pragma omp parallel for schedule(dynamic) if (n * kv > 1)
-    for (int64_t job = 0; job < n * kv; ++job) {
-      const int64_t i = job / kv, g = job % kv, r = active_[i];
+    // every row's new K/V is in the cache before any row attends (a prefill chunk's own keys);
+    // a prefill chunk's consecutive rows attend as tiles that read each key once
+    tiles_.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = active_[i];
+      const size_t last = tiles_.size();
+      if (tiled && last > 0 && tiles_[last - 1] < TILE) {
+        const int64_t first = tiles_[last - 2], prev = active_[first + tiles_[last - 1] - 1];
+        if (s.row_seq[prev] == s.row_seq[r] && s.positions[prev] + 1 == s.positions[r] &&
+            attn_w[first] == attn_w[i]) {
+          ++tiles_[last - 1];
+          continue;
+        }
+      }
+      tiles_.push_back(int32_t(i));
+      tiles_.push_back(1);
+    }
+    const int64_t jobs = int64_t(tiles_.size() / 2) * kv;
+#pragma omp parallel for schedule(dynamic) if (jobs > 1)
+    for (int64_t job = 0; job < jobs; ++job) {
+      const int64_t i = tiles_[2 * (job / kv)], rows = tiles_[2 * (job / kv) + 1];
+      const int64_t g = job % kv, r = active_[i];
       const int ranks = int(attn_w[i] / hd / kv);
       const int32_t* table = s.blocks + (l * s.num_seqs + s.row_seq[r]) * s.max_blocks;
+      const float* q = qkv_.data() + i * ldq + 2 * kv_rows + g * hd;
+      float* o = attn_.data() + i * lda + g * hd;
+      if (tiled) {
+        attend_tile(q, ldq, kv * hd, int(rows), ranks, s.cache, slot_stride, kv_rows + g * hd,
+                    g * hd, table, s.block_size, s.positions[r], int(hd), scale, o, lda,
+                    kv * hd);
+        continue;
+      }
       float* sc = scores_.data() + size_t(omp_get_thread_num()) * max_ranks * max_ctx;
-      attend(qkv_.data() + i * ldq + 2 * kv_rows + g * hd, kv * hd, ranks, s.cache, slot_stride,
-             kv_rows + g * hd, g * hd, table, s.block_size, s.positions[r] + 1, int(hd), scale,
-             sc, attn_.data() + i * lda + g * hd, kv * hd);
+      attend(q, kv * hd, ranks, s.cache, slot_stride, kv_rows + g * hd, g * hd, table,
+             s.block_size, s.positions[r] + 1, int(hd), scale, sc, o, kv * hd);
     }
     for (const Run& run : runs)
       run_linear(run, w.o, w.qo, attn_.data(), lda, run.attn[0].width, run.attn,

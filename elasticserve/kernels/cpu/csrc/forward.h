@@ -81,6 +81,7 @@ class Forward {
   std::mutex mutex_;  // one step at a time: the work buffers below are shared
   std::vector<float> x_, xl_, h_, qkv_, attn_, gate_, up_, scores_;
   std::vector<int32_t> active_;
+  std::vector<int32_t> tiles_;  // attention tiles: first local row, row count
   QuantX qx_;
 };
 

@@ -5,6 +5,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -229,6 +230,91 @@ void attend(const float* q, int64_t q_stride, int ranks, const float* cache, int
         for (int i = 0; i < hd; ++i) o[i] += p[t] * v[i];
       }
     }
+  }
+}
+
+
+void attend_tile(const float* q, int64_t q_row_stride, int64_t q_stride, int rows, int ranks,
+                 const float* cache, int64_t slot_stride, int64_t k_off, int64_t v_off,
+                 const int32_t* blocks, int32_t bs, int64_t pos0, int hd, float scale,
+                 float* out, int64_t out_row_stride, int64_t out_stride) {
+  constexpr int CH = 64;  // keys a pass: their K and V (32 KB at hd 64) stay in L1 for the tile
+  const int nq = rows * ranks;  // query q = i * ranks + j: row i, rank j
+  const int64_t ctx = pos0 + rows;  // the last row's context
+  const int nv = hd / 8;
+  thread_local std::vector<int64_t> offsets;
+  thread_local std::vector<float> sc, acc, mx, sum;
+  offsets.resize(size_t(ctx));
+  for (int64_t t = 0; t < ctx; t += bs) {
+    const int64_t base = int64_t(blocks[t / bs]) * bs * slot_stride;
+    for (int64_t u = t; u < t + bs && u < ctx; ++u) offsets[u] = base + (u - t) * slot_stride;
+  }
+  sc.resize(size_t(nq) * CH);
+  acc.assign(size_t(nq) * hd, 0.0f);
+  mx.assign(size_t(nq), -INFINITY);
+  sum.assign(size_t(nq), 0.0f);
+  const auto query = [&](int qi) { return q + (qi / ranks) * q_row_stride + (qi % ranks) * q_stride; };
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < ctx; t0 += CH) {
+    const int n = int(std::min<int64_t>(CH, ctx - t0));
+    // scores of every query against this pass's keys (row i only sees keys <= pos0 + i, so its
+    // valid count is cut below; the extra scores are computed and ignored)
+    int u0 = 0;
+    for (; u0 + 8 <= n; u0 += 8) {
+      const float* k[8];
+      for (int u = 0; u < 8; ++u) k[u] = cache + offsets[t0 + u0 + u] + k_off;
+      for (int qi = 0; qi < nq; ++qi)
+        _mm256_storeu_ps(&sc[size_t(qi) * CH + u0], _mm256_mul_ps(dot8(query(qi), k, hd), sv));
+    }
+    for (; u0 < n; ++u0) {
+      const float* k = cache + offsets[t0 + u0] + k_off;
+      for (int qi = 0; qi < nq; ++qi) {
+        const float* qv = query(qi);
+        __m256 a = _mm256_setzero_ps();
+        for (int i = 0; i < hd; i += 8)
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), _mm256_loadu_ps(k + i), a);
+        sc[size_t(qi) * CH + u0] = hsum(a) * scale;
+      }
+    }
+    // online softmax: rescale what the earlier passes summed to this pass's running maximum
+    for (int qi = 0; qi < nq; ++qi) {
+      const int valid = int(std::min<int64_t>(n, pos0 + qi / ranks + 1 - t0));
+      if (valid <= 0) continue;
+      float* p = &sc[size_t(qi) * CH];
+      float m = mx[qi];
+      for (int u = 0; u < valid; ++u) m = p[u] > m ? p[u] : m;
+      const float corr = exp_neg1(mx[qi] - m);  // 0 on the first pass (-inf)
+      mx[qi] = m;
+      const __m256 mm = _mm256_set1_ps(m);
+      __m256 ps = _mm256_setzero_ps();
+      int u = 0;
+      for (; u + 8 <= valid; u += 8) {
+        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(p + u), mm));
+        _mm256_storeu_ps(p + u, e);
+        ps = _mm256_add_ps(ps, e);
+      }
+      float total = hsum(ps);
+      for (; u < valid; ++u) {
+        p[u] = exp_neg1(p[u] - m);
+        total += p[u];
+      }
+      sum[qi] = sum[qi] * corr + total;
+      float* o = &acc[size_t(qi) * hd];
+      __m256 a[16];
+      const __m256 cv = _mm256_set1_ps(corr);
+      for (int i = 0; i < nv; ++i) a[i] = _mm256_mul_ps(_mm256_loadu_ps(o + 8 * i), cv);
+      for (int w = 0; w < valid; ++w) {
+        const float* v = cache + offsets[t0 + w] + v_off;
+        const __m256 pw = _mm256_set1_ps(p[w]);
+        for (int i = 0; i < nv; ++i) a[i] = _mm256_fmadd_ps(pw, _mm256_loadu_ps(v + 8 * i), a[i]);
+      }
+      for (int i = 0; i < nv; ++i) _mm256_storeu_ps(o + 8 * i, a[i]);
+    }
+  }
+  for (int qi = 0; qi < nq; ++qi) {
+    float* o = out + (qi / ranks) * out_row_stride + (qi % ranks) * out_stride;
+    const float inv = 1.0f / sum[qi];
+    for (int i = 0; i < hd; ++i) o[i] = acc[size_t(qi) * hd + i] * inv;
   }
 }
 

@@ -22,6 +22,15 @@ void attend(const float* q, int64_t q_stride, int ranks, const float* cache, int
             int64_t k_off, int64_t v_off, const int32_t* blocks, int32_t bs, int64_t ctx, int hd,
             float scale, float* scores, float* out, int64_t out_stride);
 
+// The same for `rows` consecutive rows of one sequence at positions pos0 .. pos0 + rows - 1 (a
+// prefill chunk's, or one decode row): row i's rank j at q + i * q_row_stride + j * q_stride (out
+// likewise), over its positions [0, pos0 + i]. Each key and value is read once for the whole
+// tile, in passes of 64 keys with an online softmax. Needs hd a multiple of 8, at most 128.
+void attend_tile(const float* q, int64_t q_row_stride, int64_t q_stride, int rows, int ranks,
+                 const float* cache, int64_t slot_stride, int64_t k_off, int64_t v_off,
+                 const int32_t* blocks, int32_t bs, int64_t pos0, int hd, float scale,
+                 float* out, int64_t out_row_stride, int64_t out_stride);
+
 // The sum of n floats on the OpenMP team: a read of memory at the rate the kernels can reach.
 double read_sum(const float* x, int64_t n);
 
