@@ -49,6 +49,24 @@ float exp_neg1(float x) {
   return out[0];
 }
 
+// p[0, n) <- e^(p - m), returning their sum (m is at least every p, so each exponent is <= 0).
+float exp_sub_sum(float* p, int64_t n, float m) {
+  const __m256 mm = _mm256_set1_ps(m);
+  __m256 sv = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(p + t), mm));
+    _mm256_storeu_ps(p + t, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = hsum(sv);
+  for (; t < n; ++t) {
+    p[t] = exp_neg1(p[t] - m);
+    sum += p[t];
+  }
+  return sum;
+}
+
 }  // namespace
 
 double read_sum(const float* x, int64_t n) {
@@ -194,19 +212,7 @@ void attend(const float* q, int64_t q_stride, int ranks, const float* cache, int
     for (; t + 8 <= ctx; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(p + t));
     float m = hmax(mv);
     for (; t < ctx; ++t) m = p[t] > m ? p[t] : m;
-    const __m256 mm = _mm256_set1_ps(m);
-    __m256 sv = _mm256_setzero_ps();
-    for (t = 0; t + 8 <= ctx; t += 8) {
-      const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(p + t), mm));
-      _mm256_storeu_ps(p + t, e);
-      sv = _mm256_add_ps(sv, e);
-    }
-    float sum = hsum(sv);
-    for (; t < ctx; ++t) {
-      p[t] = exp_neg1(p[t] - m);
-      sum += p[t];
-    }
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / exp_sub_sum(p, ctx, m);
     for (t = 0; t < ctx; ++t) p[t] *= inv;
   }
   for (int j = 0; j < ranks; ++j) {
@@ -285,20 +291,7 @@ void attend_tile(const float* q, int64_t q_row_stride, int64_t q_stride, int row
       for (int u = 0; u < valid; ++u) m = p[u] > m ? p[u] : m;
       const float corr = exp_neg1(mx[qi] - m);  // 0 on the first pass (-inf)
       mx[qi] = m;
-      const __m256 mm = _mm256_set1_ps(m);
-      __m256 ps = _mm256_setzero_ps();
-      int u = 0;
-      for (; u + 8 <= valid; u += 8) {
-        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(p + u), mm));
-        _mm256_storeu_ps(p + u, e);
-        ps = _mm256_add_ps(ps, e);
-      }
-      float total = hsum(ps);
-      for (; u < valid; ++u) {
-        p[u] = exp_neg1(p[u] - m);
-        total += p[u];
-      }
-      sum[qi] = sum[qi] * corr + total;
+      sum[qi] = sum[qi] * corr + exp_sub_sum(p, valid, m);
       float* o = &acc[size_t(qi) * hd];
       __m256 a[16];
       const __m256 cv = _mm256_set1_ps(corr);
