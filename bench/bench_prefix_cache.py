@@ -3,8 +3,9 @@
 8 conversations of 6 turns; each turn appends ~100 tokens of held-out text (persuasion.txt) and
 the previous answer to the history; the 8 conversations' turn k arrive together, or each
 conversation sends its next turn when its answer ends (`--arrivals closed`). Each round
-runs every turn once with caching on and once off, alternating which goes first. Prints the
-median TTFT of turns >= 2 per mode and their ratio, and total throughput; writes JSON.
+runs every turn once with caching on and once off (at each `--budgets` step token budget),
+the order reversed every other round. Prints the median TTFT of turns >= 2 per configuration,
+the on/off ratio per budget, and total throughput; writes JSON.
 """
 
 from __future__ import annotations
@@ -93,55 +94,83 @@ def main() -> None:
         help="together: turn k of all conversations at once; closed: each conversation sends "
         "its next turn when its answer ends",
     )
+    parser.add_argument(
+        "--budgets",
+        default="512",
+        help="comma-separated step token budgets (max_num_batched_tokens) to run, each with "
+        "caching on and off, all interleaved",
+    )
     parser.add_argument("--out", default="bench/results/prefix_cache.json")
     args = parser.parse_args()
+    budgets = [int(b) for b in args.budgets.split(",")]
     bundle = load_bundle()
+    configs = [(mode, b) for b in budgets for mode in ("on", "off")]
     engines = {
-        "on": LLMEngine(bundle, EngineConfig(enable_prefix_caching=True)),
-        "off": LLMEngine(bundle, EngineConfig(enable_prefix_caching=False)),
+        (mode, b): LLMEngine(
+            bundle, EngineConfig(enable_prefix_caching=mode == "on", max_num_batched_tokens=b)
+        )
+        for mode, b in configs
     }
     pieces = conversation_pieces(bundle.tokenizer, args.conversations, args.turns, args.turn_tokens)
-    later: dict[str, list[float]] = {"on": [], "off": []}
-    first: dict[str, list[float]] = {"on": [], "off": []}
-    rate: dict[str, list[float]] = {"on": [], "off": []}
+    later: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    first: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    rate: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     for r in range(args.rounds):
-        for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
-            engine = engines[mode]
+        for mode, b in configs if r % 2 == 0 else configs[::-1]:
+            engine = engines[mode, b]
             engine.block_manager.reset_cache()  # every round starts cold
             result = run_round(engine, pieces, args.max_tokens, args.arrivals == "closed")
-            first[mode] += result["ttft"][0]
-            later[mode] += [t for turn, ts in result["ttft"].items() if turn > 0 for t in ts]
-            rate[mode].append(result["tokens_per_s"])
-            print(f"round {r} caching {mode}: {result['tokens_per_s']:.0f} tok/s", flush=True)
+            first[mode, b] += result["ttft"][0]
+            later[mode, b] += [t for turn, ts in result["ttft"].items() if turn > 0 for t in ts]
+            rate[mode, b].append(result["tokens_per_s"])
+            print(f"round {r} budget {b} caching {mode}: {result['tokens_per_s']:.0f} tok/s")
     rows = {
-        mode: {
-            "ttft_turn1_median_s": statistics.median(first[mode]),
-            "ttft_later_median_s": statistics.median(later[mode]),
-            "tokens_per_s": statistics.median(rate[mode]),
-            "hit_rate": engines[mode].stats().prefix_cache_hits
-            / max(1, engines[mode].stats().prefix_cache_queries),
+        c: {
+            "ttft_turn1_median_s": statistics.median(first[c]),
+            "ttft_later_median_s": statistics.median(later[c]),
+            "tokens_per_s": statistics.median(rate[c]),
+            "hit_rate": engines[c].stats().prefix_cache_hits
+            / max(1, engines[c].stats().prefix_cache_queries),
         }
-        for mode in ("on", "off")
+        for c in configs
     }
     print(f"CPU: {cpu_model()}, flags: {' '.join(kernel_flags())}; {args.rounds} rounds")
     print(f"{args.conversations} conversations x {args.turns} turns, arrivals {args.arrivals}")
-    print(f"{'caching':8} {'TTFT turn 1':>12} {'TTFT turns 2+':>14} {'tok/s':>8} {'hit rate':>9}")
-    for mode, row in rows.items():
+    print(
+        f"{'budget':>6} {'caching':8} {'TTFT turn 1':>12} {'TTFT turns 2+':>14} {'tok/s':>8} "
+        f"{'hit rate':>9}"
+    )
+    for (mode, b), row in rows.items():
         print(
-            f"{mode:8} {row['ttft_turn1_median_s'] * 1e3:10.0f}ms "
+            f"{b:6} {mode:8} {row['ttft_turn1_median_s'] * 1e3:10.0f}ms "
             f"{row['ttft_later_median_s'] * 1e3:12.0f}ms {row['tokens_per_s']:8.0f} "
             f"{row['hit_rate']:9.2f}"
         )
-    ratio = rows["off"]["ttft_later_median_s"] / rows["on"]["ttft_later_median_s"]
-    throughput = rows["on"]["tokens_per_s"] / rows["off"]["tokens_per_s"]
-    print(f"turns 2+ median TTFT off/on: {ratio:.2f}x; throughput on/off: {throughput:.2f}x")
+    summary = {}
+    for b in budgets:
+        on, off = rows["on", b], rows["off", b]
+        ratio = off["ttft_later_median_s"] / on["ttft_later_median_s"]
+        throughput = on["tokens_per_s"] / off["tokens_per_s"]
+        print(
+            f"budget {b}: turns 2+ median TTFT off/on {ratio:.2f}x; throughput on/off "
+            f"{throughput:.2f}x"
+        )
+        summary[str(b)] = {
+            "modes": {"on": on, "off": off},
+            "ttft_ratio": ratio,
+            "throughput_ratio": throughput,
+        }
+    base = budgets[0]
+    for b in budgets[1:]:
+        for mode in ("on", "off"):
+            t = rows[mode, b]["ttft_later_median_s"] / rows[mode, base]["ttft_later_median_s"]
+            x = rows[mode, b]["tokens_per_s"] / rows[mode, base]["tokens_per_s"]
+            print(f"caching {mode}: budget {b} vs {base}: TTFT turns 2+ {t:.2f}x, tok/s {x:.2f}x")
     result = {
         "args": vars(args),
         "cpu": cpu_model(),
         "cpu_flags": kernel_flags(),
-        "modes": rows,
-        "ttft_ratio": ratio,
-        "throughput_ratio": throughput,
+        "budgets": summary,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
