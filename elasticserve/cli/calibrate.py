@@ -42,7 +42,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser("eval", help="held-out perplexity of each shape")
     _model_args(ev)
     ev.add_argument("--pack", default=None, help="pack directory (default: the model's own)")
-    ev.add_argument("--data", nargs="+", required=True, help="text file(s) to evaluate on")
+    ev.add_argument("--data", nargs="+", default=[], help="text file(s): held-out perplexity")
+    ev.add_argument(
+        "--chat",
+        default=None,
+        help="chat JSONL (elasticserve distill-data): each shape's mean KL to the full shape "
+        "and greedy-token agreement over the full shape's answers",
+    )
+    ev.add_argument(
+        "--chat-split",
+        default="heldout",
+        choices=("heldout", "train", "all"),
+        help="which records of --chat to evaluate",
+    )
     ev.add_argument("--shapes", default="all", help="'all' or a comma list, e.g. full,d24-w0.75")
     ev.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N tokens")
     ev.add_argument("--window", type=int, default=None, help="window (default: min(context, 512))")
@@ -119,11 +131,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Print held-out perplexity per shape as a table or JSON."""
+    """Print held-out perplexity and/or chat agreement per shape as a table or JSON."""
     from ..model.bundle import load_bundle
+    from ..training.chat import conversation_ids, read_chat
     from ..training.data import load_token_ids
-    from ..training.evaluate import shape_report
+    from ..training.evaluate import chat_report, shape_report
 
+    if not args.data and not args.chat:
+        raise ValueError("pass --data (perplexity), --chat (chat KL and agreement), or both")
     bundle = load_bundle(
         _model(args.model),
         pack=args.pack,
@@ -134,15 +149,41 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     names = [s.name for s in bundle.specs] if args.shapes == "all" else args.shapes.split(",")
     specs = [bundle.spec(n) for n in names]
-    ids = load_token_ids(bundle.tokenizer, args.data, max_tokens=args.max_tokens)
-    rows = shape_report(bundle, specs, ids, args.window)
+    rows: list[dict[str, object]] = [
+        {"shape": s.name, "weight_fraction": round(s.weight_fraction, 4)} for s in specs
+    ]
+    notes = []
+    if args.data:
+        ids = load_token_ids(bundle.tokenizer, args.data, max_tokens=args.max_tokens)
+        for row, ppl in zip(rows, shape_report(bundle, specs, ids, args.window), strict=True):
+            row["ppl"] = ppl["ppl"]
+        notes.append(f"{len(ids)} tokens")
+    if args.chat:
+        split = None if args.chat_split == "all" else args.chat_split
+        records = read_chat(args.chat, split)
+        if not records:
+            raise ValueError(f"{args.chat} has no {args.chat_split} records")
+        convs = [conversation_ids(bundle.tokenizer, r) for r in records]
+        for row, chat in zip(rows, chat_report(bundle, specs, convs, progress=True), strict=True):
+            row["chat_kl"], row["chat_agree"] = chat["chat_kl"], chat["chat_agree"]
+        notes.append(f"{len(records)} chat answers ({sum(len(a) for _, a in convs)} tokens)")
     if args.json:
         print(json.dumps(rows))
         return 0
-    full = next((r["ppl"] for r in rows if r["shape"] == bundle.full.name), None)
-    print(f"{'shape':<12} {'weights':>8} {'ppl':>10} {'vs full':>8}")
+    full = next((r.get("ppl") for r in rows if r["shape"] == bundle.full.name), None)
+    header = f"{'shape':<16} {'weights':>8}"
+    if args.data:
+        header += f" {'ppl':>10} {'vs full':>8}"
+    if args.chat:
+        header += f" {'chat KL':>8} {'agree':>7}"
+    print(header)
     for r in rows:
-        ratio = f"{r['ppl'] / full:.2f}x" if full else "-"  # type: ignore[operator]
-        print(f"{r['shape']:<12} {r['weight_fraction']:>8.1%} {r['ppl']:>10.2f} {ratio:>8}")
-    print(f"{len(ids)} tokens")
+        line = f"{r['shape']:<16} {r['weight_fraction']:>8.1%}"
+        if args.data:
+            ratio = f"{r['ppl'] / full:.2f}x" if full else "-"  # type: ignore[operator]
+            line += f" {r['ppl']:>10.2f} {ratio:>8}"
+        if args.chat:
+            line += f" {r['chat_kl']:>8.3f} {r['chat_agree']:>7.1%}"
+        print(line)
+    print("; ".join(notes))
     return 0

@@ -17,6 +17,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--data", nargs="+", required=True, help="training text files or dirs")
     ft.add_argument("--exclude", nargs="*", default=[], help="file names in --data to skip")
     ft.add_argument("--eval-data", nargs="*", default=[], help="held-out text for periodic eval")
+    ft.add_argument(
+        "--chat-data",
+        default=None,
+        help="chat JSONL (elasticserve distill-data): its train records join the text stream",
+    )
+    ft.add_argument(
+        "--chat-share",
+        type=float,
+        default=0.5,
+        help="share of each batch's windows drawn from --chat-data",
+    )
     ft.add_argument("--out", required=True, help="pack directory to write (pack + adapters)")
     ft.add_argument("--steps", type=int, default=200)
     ft.add_argument("--lr", type=float, default=1e-3)
@@ -38,6 +49,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads", type=int, default=None, help="CPU threads (1 is fastest on a busy machine)"
     )
     ft.set_defaults(func=run_finetune)
+
+    dd = subparsers.add_parser(
+        "distill-data",
+        help="write a chat distillation set: prompts answered by the full shape (JSONL)",
+    )
+    _model_args(dd)
+    dd.add_argument("--out", required=True, help="JSONL file to write")
+    dd.add_argument("--data", nargs="*", default=[], help="text files or dirs for passage tasks")
+    dd.add_argument("--exclude", nargs="*", default=[], help="file names in --data to skip")
+    dd.add_argument(
+        "--seed-prompts", type=int, default=None, help="how many of the built-in requests (all)"
+    )
+    dd.add_argument(
+        "--self-prompts", type=int, default=60, help="requests the full shape writes itself"
+    )
+    dd.add_argument("--passages", type=int, default=60, help="tasks over passages of --data")
+    dd.add_argument("--max-tokens", type=int, default=256, help="longest answer")
+    dd.add_argument("--temperature", type=float, default=0.7, help="answers' temperature")
+    dd.add_argument("--heldout", type=float, default=0.15, help="share of prompts held out")
+    dd.add_argument("--seed", type=int, default=0)
+    dd.set_defaults(func=run_distill_data)
 
     ex = subparsers.add_parser("export", help="write one shape as an HF model dir + peft LoRA")
     _model_args(ex)
@@ -69,6 +101,11 @@ def run_finetune(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.model, args.pack, args.dtype, args.device, lora=False)
     train = load_token_ids(bundle.tokenizer, args.data, exclude=args.exclude)
     held_out = load_token_ids(bundle.tokenizer, args.eval_data) if args.eval_data else []
+    chat: list[int] = []
+    if args.chat_data:
+        from ..training.chat import chat_stream, read_chat
+
+        chat = chat_stream(bundle.tokenizer, read_chat(args.chat_data, "train"))
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
     config = FinetuneConfig(
         steps=args.steps,
@@ -83,19 +120,54 @@ def run_finetune(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        chat_share=args.chat_share if chat else 0.0,
     )
     meta = {
         "command": "elasticserve " + shlex.join(sys.argv[1:]),
         "device": str(bundle.model.device),
         "train_tokens": len(train),
+        "chat_tokens": len(chat),
     }
-    result = finetune(bundle, train, held_out, args.out, config, args.checkpoint, args.resume, meta)
+    result = finetune(
+        bundle, train, held_out, args.out, config, args.checkpoint, args.resume, meta, chat_ids=chat
+    )
     minutes = (time.monotonic() - started) / 60
     resumed = f" ({result.start_step} resumed)" if result.start_step else ""
     print(f"wrote {args.out}: {result.steps} steps{resumed} in {minutes:.1f} min")
     for row in result.history:
         cells = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()]
         print("  " + ", ".join(cells))
+    return 0
+
+
+def run_distill_data(args: argparse.Namespace) -> int:
+    """Write the distillation set and say what is in it."""
+    from collections import Counter
+
+    from ..model.bundle import load_bundle
+    from ..training.chat import SEED_PROMPTS, build_distill_set, write_jsonl
+
+    started = time.monotonic()
+    bundle = load_bundle(args.model, args.pack, args.dtype, args.device, lora=False)
+    records = build_distill_set(
+        bundle,
+        data=args.data,
+        exclude=args.exclude,
+        seed_prompts=len(SEED_PROMPTS) if args.seed_prompts is None else args.seed_prompts,
+        self_count=args.self_prompts,
+        passage_count=args.passages if args.data else 0,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        heldout=args.heldout,
+        seed=args.seed,
+    )
+    n = write_jsonl(records, args.out)
+    sources = Counter(r["source"] for r in records)
+    splits = Counter(r["split"] for r in records)
+    minutes = (time.monotonic() - started) / 60
+    print(f"wrote {args.out}: {n} conversations in {minutes:.1f} min")
+    print("  sources: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
+    print("  splits: " + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())))
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The `elasticserve` command: generate, shapes, serve, calibrate, eval, finetune, export, profile,
-bench.
+"""The `elasticserve` command: generate, shapes, serve, calibrate, eval, finetune, distill-data,
+export, profile, bench.
 
 Building the parser imports no torch, transformers or server: each subcommand imports what it
 needs when it runs, so `elasticserve --help` answers at once.

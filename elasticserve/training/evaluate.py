@@ -48,26 +48,34 @@ def _native_logits(
 
 
 @torch.inference_mode()
-def _window_nll(bundle: ModelBundle, spec: ShapeSpec, batch: list[list[int]]) -> float:
-    """Summed next-token negative log-likelihood of a batch of windows."""
+def window_logits(
+    bundle: ModelBundle, spec: ShapeSpec, batch: list[list[int]]
+) -> tuple[torch.Tensor, list[slice]]:
+    """Every position's logits [tokens, V] (fp32) of a batch of sequences at `spec`, and each
+    sequence's rows: through the native step where it serves `spec`, else the torch step."""
     cfg = bundle.config
     native = _native_logits(bundle, spec, batch)
     if native is not None:
-        logits, slices = native
-    elif spec.shape.precision:
+        return native
+    if spec.shape.precision:
         raise ValueError(f"{spec.name}: q8/q4 shapes are evaluated in the native CPU kernels")
-    else:
-        chunks = [SeqChunk(spec, w, logits="all") for w in batch]
-        step = build_step(
-            chunks,
-            cfg.num_layers,
-            cfg.head_dim,
-            2 * cfg.kv_size,
-            16,
-            bundle.biases,
-            bundle.model.device,
-        )
-        logits, slices = bundle.model.forward(step), step.logit_slices  # [tokens, V] fp32
+    chunks = [SeqChunk(spec, w, logits="all") for w in batch]
+    step = build_step(
+        chunks,
+        cfg.num_layers,
+        cfg.head_dim,
+        2 * cfg.kv_size,
+        16,
+        bundle.biases,
+        bundle.model.device,
+    )
+    return bundle.model.forward(step).float(), step.logit_slices
+
+
+@torch.inference_mode()
+def _window_nll(bundle: ModelBundle, spec: ShapeSpec, batch: list[list[int]]) -> float:
+    """Summed next-token negative log-likelihood of a batch of windows."""
+    logits, slices = window_logits(bundle, spec, batch)
     total = 0.0
     for w, rows in zip(batch, slices, strict=True):
         target = torch.tensor(w[1:], device=logits.device)
@@ -110,3 +118,60 @@ def shape_report(
             {"shape": spec.name, "weight_fraction": round(spec.weight_fraction, 4), "ppl": ppl}
         )
     return rows
+
+
+def _answer_logprobs(
+    batch: list[tuple[list[int], list[int]]], logits: torch.Tensor, slices: list[slice]
+) -> torch.Tensor:
+    """Log-probs at the positions that predict each answer token: [answer tokens, V]."""
+    rows = [
+        logits[r][len(p) - 1 : len(p) + len(a) - 1] for (p, a), r in zip(batch, slices, strict=True)
+    ]
+    return torch.cat(rows).log_softmax(-1)
+
+
+@torch.inference_mode()
+def chat_report(
+    bundle: ModelBundle,
+    specs: list[ShapeSpec],
+    conversations: list[tuple[list[int], list[int]]],
+    progress: bool = False,
+) -> list[dict[str, object]]:
+    """Each shape against the full shape over the full shape's answers (teacher-forced): the
+    mean KL(full || shape) per answer token and the share of answer positions where the two
+    shapes' greedy tokens agree. `conversations` are (prompt ids, answer ids) pairs."""
+    limit = bundle.max_model_len
+    convs = [(p, a) for p, a in conversations if a and len(p) + len(a) <= limit]
+    if not convs:
+        raise ValueError(f"need at least one conversation with an answer, within {limit} tokens")
+    batches: list[list[tuple[list[int], list[int]]]] = []
+    batch: list[tuple[list[int], list[int]]] = []
+    size = 0
+    for p, a in convs:
+        if batch and size + len(p) + len(a) > BATCH_TOKENS:
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append((p, a))
+        size += len(p) + len(a)
+    batches.append(batch)
+    kl = {s.id: 0.0 for s in specs}
+    agree = {s.id: 0 for s in specs}
+    count = 0
+    for batch in tqdm(batches, desc="chat eval", disable=not progress, leave=False):
+        seqs = [p + a for p, a in batch]
+        teacher = _answer_logprobs(batch, *window_logits(bundle, bundle.full, seqs))
+        greedy = teacher.argmax(-1)
+        count += len(teacher)
+        for spec in specs:
+            student = _answer_logprobs(batch, *window_logits(bundle, spec, seqs))
+            kl[spec.id] += F.kl_div(student, teacher, log_target=True, reduction="sum").item()
+            agree[spec.id] += int((student.argmax(-1) == greedy).sum())
+    return [
+        {
+            "shape": s.name,
+            "weight_fraction": round(s.weight_fraction, 4),
+            "chat_kl": kl[s.id] / count,
+            "chat_agree": agree[s.id] / count,
+        }
+        for s in specs
+    ]

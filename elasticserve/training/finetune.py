@@ -50,6 +50,7 @@ class FinetuneConfig:
     eval_tokens: int = 2048
     checkpoint_every: int = 25
     seed: int = 0
+    chat_share: float = 0.0  # share of each batch's windows drawn from the chat stream
 
 
 @dataclass
@@ -146,12 +147,21 @@ def finetune(
     resume: bool = False,
     meta: dict[str, object] | None = None,
     progress: bool = True,
+    chat_ids: list[int] | None = None,
 ) -> FinetuneResult:
-    """Train the shape-aware LoRA mixture of `bundle`'s pack and write pack + adapters to `out`."""
+    """Train the shape-aware LoRA mixture of `bundle`'s pack and write pack + adapters to `out`.
+
+    `chat_ids` (the conversations of a distillation set, `training.chat.chat_stream`) supply
+    `config.chat_share` of every batch's windows; `train_ids` the rest.
+    """
     device = bundle.model.device
     if len(train_ids) < config.seq_len + 1:
         raise ValueError(f"training text has {len(train_ids)} tokens, fewer than one window")
+    chat_rows = round(config.batch * config.chat_share) if chat_ids else 0
+    if chat_rows and len(chat_ids or []) < config.seq_len + 1:
+        raise ValueError(f"the chat data has {len(chat_ids or [])} tokens, fewer than one window")
     ids = torch.tensor(train_ids, dtype=torch.long, device=device)
+    chat = torch.tensor(chat_ids or [], dtype=torch.long, device=device)
     held_out = torch.tensor(eval_ids[: config.eval_tokens], dtype=torch.long, device=device)
     torch.manual_seed(config.seed)
     experts = LoraExperts(bundle.config, bundle.pack.widths, config.lora, bundle.specs).to(device)
@@ -173,7 +183,13 @@ def finetune(
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress)
     try:
         for step in bar:
-            batch = sample_batch(ids, config.batch, config.seq_len, config.seed * 1_000_003 + step)
+            batch_seed = config.seed * 1_000_003 + step
+            rows = []
+            if config.batch > chat_rows:
+                rows.append(sample_batch(ids, config.batch - chat_rows, config.seq_len, batch_seed))
+            if chat_rows:
+                rows.append(sample_batch(chat, chat_rows, config.seq_len, batch_seed + 1))
+            batch = torch.cat(rows)
             students = sandwich(bundle.specs, config.random_shapes, config.seed + step)
             losses = train_step(bundle, experts, batch, students)
             torch.nn.utils.clip_grad_norm_(experts.parameters(), config.clip)

@@ -34,6 +34,6 @@ def test_help_lists_every_subcommand():
         [sys.executable, "-m", "elasticserve.cli", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0
-    for name in ("generate", "shapes", "serve", "calibrate", "eval", "finetune", "export"):
+    for name in ("generate", "shapes", "serve", "calibrate", "eval", "finetune", "distill-data"):
         assert name in result.stdout
-    assert "profile" in result.stdout and "bench" in result.stdout
+    assert "export" in result.stdout and "profile" in result.stdout and "bench" in result.stdout
