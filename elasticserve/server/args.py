@@ -43,6 +43,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="quantized precisions the grid adds, e.g. q8,q4 (shapes d30-w1.0-q4, ...), served "
         "by the native CPU kernels; 'none': the model's dtype only (default: the pack's list)",
     )
+    parser.add_argument(
+        "--no-lora",
+        action="store_true",
+        help="serve the pack's shapes without its fine-tuned adapters (if it has any)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")

@@ -30,6 +30,8 @@ def _model_cards(server: ServerState) -> ModelList:
 
 
 def _shape_cards(server: ServerState) -> ShapeList:
+    lora = server.bundle.model.lora
+    adapted = set(lora.routes) if lora is not None else set()
     return ShapeList(
         data=[
             ShapeCard(
@@ -42,6 +44,7 @@ def _shape_cards(server: ServerState) -> ShapeList:
                 weight_fraction=round(spec.weight_fraction, 6),
                 weight_bytes=server.bundle.weight_bytes(spec),
                 ppl=spec.ppl,
+                adapter=spec.id in adapted,
                 latency=dict(server.shape_latency[spec.name])
                 if spec.name in server.shape_latency
                 else None,

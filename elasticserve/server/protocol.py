@@ -605,6 +605,7 @@ class ShapeCard(_Response):
     weight_fraction: float
     weight_bytes: int  # weight bytes one decode step reads (LM head included)
     ppl: float | None = None  # held-out perplexity from the pack
+    adapter: bool = False  # a fine-tuned LoRA adapter of the pack applies to it
     latency: dict[str, float] | None = None  # measured TTFT/TPOT, when the pack has a profile
 
 

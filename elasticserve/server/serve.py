@@ -82,6 +82,7 @@ def _load_engine(
         name=args.served_model_name,
         cpu_kernels=args.cpu_kernels,
         precisions=args.precisions,
+        lora=not args.no_lora,
     )
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     if args.policy == "slo" and slo == SLO():

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from elasticserve.engine.llm_engine import EngineConfig, LLMEngine
 from elasticserve.engine.outputs import CompletionOutput, RequestOutput
 from elasticserve.engine.sampling import SamplingParams
+from elasticserve.model.adapters import LoraConfig
 from elasticserve.model.bundle import ModelBundle, load_bundle
 from elasticserve.server.app import build_app
 from elasticserve.server.args import add_serve_arguments, parse_bytes
@@ -30,6 +31,7 @@ from elasticserve.server.completions import SHAPE_HEADER
 from elasticserve.server.formats import CompletionFormat
 from elasticserve.server.protocol import CompletionRequest
 from elasticserve.server.serve import GracefulServer, run_serve
+from elasticserve.training.finetune import FinetuneConfig, finetune
 
 NAME = "tiny"
 PINNED = "d3-w0.5"
@@ -496,6 +498,32 @@ def test_serve_command_builds_the_server_its_arguments_describe(tiny_llama_dir: 
     assert shapes[0]["id"] == "mini@d6-w1.0" and shapes[0]["latency"] is None  # no profile
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-cache-memory", "lots"])
+
+
+def test_serve_no_lora_serves_the_pack_without_its_adapters(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch
+):
+    base = load_bundle(tiny_llama_dir, dtype="float32")
+    config = FinetuneConfig(steps=1, lora=LoraConfig(rank=2, experts=2), seq_len=16, batch=1)
+    ids = base.tokenizer(" ".join(["the quiet house and the noisy ball"] * 20))["input_ids"]
+    finetune(base, ids, [], tmp_path / "adapted", config, progress=False)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    argv = ["--model", str(tiny_llama_dir), "--pack", str(tmp_path / "adapted")]
+    argv += ["--dtype", "float32", "--served-model-name", "mini", "--kv-cache-memory", "8MiB"]
+    adapters = {}
+    for flags in ([], ["--no-lora"]):
+        seen: dict = {}
+        monkeypatch.setattr(
+            GracefulServer, "run", lambda server, seen=seen: seen.update(c=server.config)
+        )
+        run_serve(parser.parse_args(argv + flags))
+        shapes = TestClient(seen["c"].app).get("/v1/shapes").json()["data"]
+        adapters[tuple(flags)] = {s["shape"]: s["adapter"] for s in shapes}
+    with_lora, without = adapters[()], adapters[("--no-lora",)]
+    assert with_lora["d6-w1.0"] is False, "the full shape has no adapter"
+    assert all(a for shape, a in with_lora.items() if shape != "d6-w1.0")
+    assert not any(without.values())
 
 
 def test_sizes():
