@@ -65,8 +65,9 @@ class ModelRunner:
         return self._sample(rows, logits, logit_slices)
 
     def _forward(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, list[slice]]:
-        """The native step where it runs the chunks, the torch step where it does not (rows
-        with adapters); a step of both runs each part on its path and joins the logits."""
+        """The native step where it runs the chunks, the torch step where it does not (no block
+        table, or adapters without their experts); a step of both runs each part on its path and
+        joins the logits."""
         native = self.bundle.native
         if native is None:
             return self._torch_forward(chunks)

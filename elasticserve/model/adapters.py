@@ -154,17 +154,22 @@ class LoraExperts(nn.Module):
 def effective_weights(
     experts: LoraExperts, specs: list[ShapeSpec], dtype: torch.dtype, device: torch.device
 ) -> LoraWeights:
-    """Collapse the mixture into one adapter per shape and layer it keeps (none for full, none
-    for the quantized shapes: they run in the native kernels, which have no adapter path)."""
+    """Collapse the mixture into one adapter per dense shape and layer it keeps (none for
+    full), for the torch step; and each shape's route into the experts, for the native CPU step,
+    which mixes the experts per row: there a quantized shape takes its dense sibling's adapter
+    (the same layers and widths: the gate sees no precision; full's siblings take none)."""
     num_layers = experts.model_config.num_layers
     slots = [[-1] * len(specs) for _ in range(num_layers)]
     per_layer: list[dict[str, list[Pair]]] = [{n: [] for n in LINEARS} for _ in range(num_layers)]
+    full = next(s.shape for s in specs if s.id == FULL_SHAPE_ID)
+    routed = [s for s in specs if (s.shape.depth, s.shape.width) != (full.depth, full.width)]
+    weights, ids = experts.route(routed) if routed else (None, None)
     routes = {}
-    adapted = [s for s in specs if s.id != FULL_SHAPE_ID and not s.shape.precision]
-    weights, ids = experts.route(adapted) if adapted else (None, None)
-    for i, spec in enumerate(adapted):
+    for i, spec in enumerate(routed):
         assert weights is not None and ids is not None
         routes[spec.id] = (tuple(ids[i].tolist()), tuple(weights[i].tolist()))
+        if spec.shape.precision:
+            continue  # the torch step cannot run it: no tables
         for layer in spec.layers:
             slots[layer][spec.id] = len(per_layer[layer]["q"])
             for name in LINEARS:
@@ -178,7 +183,17 @@ def effective_weights(
         {name: (stack(pairs, 0), stack(pairs, 1)) for name, pairs in layer.items() if pairs}
         for layer in per_layer
     ]
-    return LoraWeights(slots, tables, routes)
+    raw = [
+        {
+            name: tuple(
+                t[f"{layer}_{name}"].detach().float().cpu().contiguous()
+                for t in (experts.a, experts.b)
+            )
+            for name in LINEARS
+        }
+        for layer in range(num_layers)
+    ]
+    return LoraWeights(slots, tables, routes, raw, experts.scale)
 
 
 def has_adapters(pack_dir: str | os.PathLike[str]) -> bool:

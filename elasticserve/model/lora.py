@@ -27,8 +27,12 @@ class LoraWeights:
     # [num_layers][num_shapes] a shape's row in that layer's tables; -1: no adapter
     slots: list[list[int]]
     tables: list[dict[str, Pair]]  # [num_layers] linear -> (a [N_l, in, 2r], b [N_l, 2r, out])
-    # shape id -> ((e1, e2), (g1, g2)): the gate's choice, for inspection
+    # shape id -> ((e1, e2), (g1, g2)): the gate's choice (what the native step applies)
     routes: dict[int, tuple[tuple[int, ...], tuple[float, ...]]] = field(default_factory=dict)
+    # [num_layers] linear -> (a [E, in, r], b [E, r, out]) fp32 on CPU: the experts themselves,
+    # which the native CPU step mixes per row by `routes` (empty: it cannot, torch runs them)
+    experts: list[dict[str, Pair]] = field(default_factory=list)
+    scale: float = 1.0  # alpha / r, applied with the gate weights
 
     def adapter(self, layer: int, shape_id: int) -> dict[str, Pair] | None:
         """One shape's (a [in, 2r], b [2r, out]) per linear at `layer`, or None."""

@@ -4,7 +4,9 @@ Same inputs as `build_step` + `ElasticModel.forward` (one `SeqChunk` per sequenc
 cache) and the same result, without the ~25 torch calls per layer: the rows are sorted widest
 first, and the C++ side gathers each layer's rows, runs the elastic linears on prefix bands
 (each weight byte read once for any mix of shapes), writes the new V/K and attends. Weights stay
-in the model's dtype in memory (bf16 halves the bytes) and the math is fp32.
+in the model's dtype in memory (bf16 halves the bytes) and the math is fp32. Shape-aware LoRA
+runs here too: each adapted row adds its shape's two experts (fp32, per linear) mixed by the
+gate's weights, so a step with adapted shapes stays one native call.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from types import ModuleType
 import torch
 
 from .decoder import ElasticModel
+from .lora import LINEARS, LoraWeights
 from .quant import QuantWeight
 from .shapes import PRECISION_ORDER, ShapeSpec
 from .step_plan import BiasTable, SeqChunk, step_order
@@ -115,13 +118,35 @@ class NativeDecoder:
             _planes(quant.head) if quant is not None else None,
         )
 
+        self._lora: LoraWeights | None = None  # the adapters bound to the native step
+        self._num_shapes = len(specs)
+
+    def _bind_lora(self) -> None:
+        """Bind the model's adapters (when they changed since the last step): the experts and
+        each shape's two experts and gains."""
+        lora = self.model.lora
+        if lora is self._lora:
+            return
+        route = torch.full((self._num_shapes, 2), -1, dtype=torch.int32)
+        gain = torch.zeros(self._num_shapes, 2)
+        a: list[list[torch.Tensor]] = []
+        b: list[list[torch.Tensor]] = []
+        if lora is not None and lora.experts:
+            for shape_id, (experts, weights) in lora.routes.items():
+                route[shape_id] = torch.tensor(experts, dtype=torch.int32)
+                gain[shape_id] = torch.tensor(weights) * lora.scale
+            a = [[layer[name][0] for name in LINEARS] for layer in lora.experts]
+            b = [[layer[name][1] for name in LINEARS] for layer in lora.experts]
+        self.native.set_lora(a, b, route, gain)
+        self._lora = lora
+
     def supports(self, chunks: Sequence[SeqChunk]) -> bool:
-        """True when the native step can run these chunks: every one has its block table and
-        no row's shape carries an adapter (LoRA runs on the torch path)."""
+        """True when the native step can run these chunks: every one has its block table, and
+        the adapters of any row's shape are ones the native step can mix (it has the experts)."""
         if any(c.block_table is None for c in chunks):
             return False
         lora = self.model.lora
-        if lora is None:
+        if lora is None or lora.experts:
             return True
         return not any(slots[c.spec.id] >= 0 for slots in lora.slots for c in chunks)
 
@@ -129,6 +154,7 @@ class NativeDecoder:
         self, chunks: Sequence[SeqChunk], cache: torch.Tensor, block_size: int
     ) -> tuple[torch.Tensor, list[slice]]:
         """(logits [N, V] fp32, each chunk's rows of them in input order); writes new K/V."""
+        self._bind_lora()
         order = step_order(chunks)  # the torch step's order: widths fall down the rows
         tokens: list[int] = []
         positions: list[int] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -11,6 +12,7 @@ from elasticserve.engine import kv_cache
 from elasticserve.engine.llm_engine import EngineConfig, LLMEngine
 from elasticserve.engine.sampling import SamplingParams
 from elasticserve.kernels.cpu import build
+from elasticserve.model.adapters import LoraConfig, LoraExperts, effective_weights
 from elasticserve.model.bundle import load_bundle
 from elasticserve.model.step_plan import BlockPool, SeqChunk, build_step
 
@@ -37,7 +39,28 @@ def torch_step(bundle, chunks, cache):
     return bundle.model.forward(step, cache), step.logit_slices
 
 
-def test_mixed_prefill_and_decode_match_torch(bundle):
+@contextlib.contextmanager
+def adapters(bundle, on: bool):
+    """The bundle's model with random shape-aware LoRA experts (B random: fresh ones are 0)."""
+    if not on:
+        yield
+        return
+    torch.manual_seed(3)
+    config = LoraConfig(rank=8, experts=4)
+    experts = LoraExperts(bundle.config, bundle.pack.widths, config, bundle.specs)
+    with torch.no_grad():
+        for b in experts.b.values():
+            b.normal_(0, 0.05)
+    cpu = torch.device("cpu")
+    bundle.model.lora = effective_weights(experts, bundle.specs, torch.float32, cpu)
+    try:
+        yield
+    finally:
+        bundle.model.lora = None
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_mixed_prefill_and_decode_match_torch(bundle, lora):
     cfg = bundle.config
     caches = [kv_cache.allocate(cfg, 512, BLOCK, torch.float32, torch.device("cpu")) for _ in "ab"]
     g = torch.Generator().manual_seed(0)
@@ -56,8 +79,14 @@ def test_mixed_prefill_and_decode_match_torch(bundle):
             SeqChunk(spec, ids, done[i], tables[i], "all" if step < 2 else "last")
             for i, (spec, ids) in enumerate(zip(specs, pieces, strict=True))
         ]
-        want, want_slices = torch_step(bundle, chunks, caches[0])
-        got, got_slices = bundle.native.forward(chunks, caches[1], BLOCK)
+        with adapters(bundle, lora):
+            assert bundle.native.supports(chunks)
+            want, want_slices = torch_step(bundle, chunks, caches[0])
+            got, got_slices = bundle.native.forward(chunks, caches[1], BLOCK)
+        if lora and step == 0:  # the adapters change the adapted shapes' logits, not full's
+            plain, _ = bundle.native.forward(chunks, caches[1].clone(), BLOCK)
+            assert torch.equal(plain[got_slices[0]], got[got_slices[0]])
+            assert (plain[got_slices[1]] - got[got_slices[1]]).abs().max() > 1e-3
         for a, b in zip(want_slices, got_slices, strict=True):
             ref, out = want[a], got[b]
             assert ref.shape == out.shape

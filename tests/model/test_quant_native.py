@@ -10,6 +10,7 @@ from elasticserve.engine.llm import LLM
 from elasticserve.engine.llm_engine import EngineConfig, LLMEngine
 from elasticserve.engine.sampling import SamplingParams
 from elasticserve.kernels.cpu import build
+from elasticserve.model.adapters import LoraConfig, LoraExperts, effective_weights
 from elasticserve.model.bundle import load_bundle
 from elasticserve.model.quant import dequantize
 from elasticserve.model.step_plan import BlockPool, SeqChunk
@@ -86,6 +87,36 @@ def test_mixed_precision_batch_equals_each_request_alone(qbundle):
         alone = _run(qbundle, [name], [prompts[i]])
         for step_all, step_one in zip(together, alone, strict=True):
             torch.testing.assert_close(step_all[i], step_one[0], rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_shapes_take_their_dense_siblings_adapter(qbundle):
+    """In the native step a q8/q4 shape adds the adapter of the dense shape with its layers and
+    widths; the full shape's siblings add none, as full."""
+    torch.manual_seed(4)
+    experts = LoraExperts(qbundle.config, qbundle.pack.widths, LoraConfig(rank=8), qbundle.specs)
+    with torch.no_grad():
+        for b in experts.b.values():
+            b.normal_(0, 0.05)
+    lora = effective_weights(experts, qbundle.specs, torch.float32, torch.device("cpu"))
+    names = ["full-q4", "d3-w0.75", "d3-w0.75-q4", "d3-w0.75-q8"]
+    ids = [qbundle.spec(n).id for n in names]
+    assert ids[0] not in lora.routes
+    assert lora.routes[ids[1]] == lora.routes[ids[2]] == lora.routes[ids[3]]
+    assert all(slots[ids[2]] == -1 for slots in lora.slots), "no torch tables for q4"
+    prompts = _prompts(qbundle, 1) * len(names)
+    plain = _run(qbundle, names, prompts)
+    qbundle.model.lora = lora
+    try:
+        adapted = _run(qbundle, names, prompts)
+    finally:
+        qbundle.model.lora = None
+    for before, after in zip(plain, adapted, strict=True):
+        assert torch.equal(before[0], after[0]), "full-q4 has no adapter"
+        shifts = [(after[i] - before[i]).norm() / before[i].norm() for i in (1, 2, 3)]
+        assert all(s > 1e-3 for s in shifts)
+        # the same correction on the same layers: the q8 shift tracks the dense one closely
+        dense_shift = after[1] - before[1]
+        assert (after[3] - before[3] - dense_shift).norm() < 0.2 * dense_shift.norm()
 
 
 def test_quantized_logits_track_the_dense_ones(qbundle):

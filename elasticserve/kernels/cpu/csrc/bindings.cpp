@@ -261,6 +261,55 @@ class NativeModel {
     return q;
   }
 
+  // The shape-aware LoRA experts: a[l] and b[l] hold layer l's (q, o, gate, up, down) experts,
+  // a [E, in, r] and b [E, r, out] fp32; route [S, 2] each shape's two experts (-1: none), gain
+  // [S, 2] their weights times alpha / r. Empty lists: no adapters.
+  void set_lora(const std::vector<std::vector<at::Tensor>>& a,
+                const std::vector<std::vector<at::Tensor>>& b, const at::Tensor& route,
+                const at::Tensor& gain) {
+    const es::Model& m = model_;
+    es::Lora lora;
+    std::vector<at::Tensor> held;
+    if (!a.empty()) {
+      require(int64_t(a.size()) == m.num_layers && b.size() == a.size(),
+              "lora: one (q, o, gate, up, down) list of experts per layer");
+      const int64_t H = m.hidden, I = m.intermediate, Q = int64_t(m.num_heads) * m.head_dim;
+      const int64_t dims[es::LORA_SITES][2] = {{H, Q}, {Q, H}, {H, I}, {H, I}, {I, H}};
+      require(!a[0].empty() && a[0][0].dim() == 3, "lora: a must be [E, in, r]");
+      lora.experts = int32_t(a[0].at(0).size(0));
+      lora.rank = int32_t(a[0].at(0).size(2));
+      require(lora.experts > 0 && lora.rank > 0 && lora.rank <= 64, "lora: 1 to 64 ranks");
+      for (int64_t l = 0; l < m.num_layers; ++l) {
+        require(a[size_t(l)].size() == es::LORA_SITES && b[size_t(l)].size() == es::LORA_SITES,
+                "lora: q, o, gate, up and down experts in every layer");
+        for (int site = 0; site < es::LORA_SITES; ++site) {
+          const at::Tensor ta = a[size_t(l)][size_t(site)], tb = b[size_t(l)][size_t(site)];
+          held.push_back(ta), held.push_back(tb);  // handles: the data stays where it is
+          const int64_t in = dims[site][0], out = dims[site][1];
+          const std::string p = "lora layer " + std::to_string(l) + " linear " +
+                                std::to_string(site);
+          require(ta.dim() == 3 && ta.size(0) == lora.experts && ta.size(1) == in &&
+                      ta.size(2) == lora.rank,
+                  p + ": a must be [E, in, r]");
+          require(tb.dim() == 3 && tb.size(0) == lora.experts && tb.size(1) == lora.rank &&
+                      tb.size(2) == out,
+                  p + ": b must be [E, r, out]");
+          lora.linears.push_back({f32(ta, ta.numel(), p + " a"), f32(tb, tb.numel(), p + " b")});
+        }
+      }
+      const int64_t S = m.shapes.num_shapes;
+      held.push_back(route), held.push_back(gain);
+      lora.route = ints<int32_t>(route, at::kInt, 2 * S, "lora route");
+      lora.gain = f32(gain, 2 * S, "lora gain");
+      for (int64_t i = 0; i < 2 * S; ++i)
+        require(lora.route[i] >= -1 && lora.route[i] < lora.experts &&
+                    (lora.route[i] < 0) == (lora.route[i - i % 2] < 0),
+                "lora route: two experts per adapted shape, -1 -1 for the others");
+    }
+    forward_->set_lora(std::move(lora));
+    lora_held_ = std::move(held);  // after the swap: no step reads the old tensors now
+  }
+
   at::Tensor forward(const at::Tensor& tokens, const at::Tensor& positions,
                      const at::Tensor& row_shape, const at::Tensor& row_seq,
                      const at::Tensor& blocks, const at::Tensor& logit_rows, at::Tensor& cache,
@@ -294,6 +343,7 @@ class NativeModel {
  private:
   es::Model model_{};
   std::vector<at::Tensor> held_;  // the tensors model_ points into, kept alive
+  std::vector<at::Tensor> lora_held_;  // the adapters' tensors, likewise
   std::unique_ptr<es::Forward> forward_;
 };
 
@@ -321,6 +371,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
                           at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                           std::vector<at::Tensor>, at::Tensor, at::Tensor,
                           std::vector<std::vector<pybind11::object>>, pybind11::object>())
+      .def("set_lora", &NativeModel::set_lora, "bind the shape-aware LoRA experts",
+           pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("route"), pybind11::arg("gain"))
       .def("forward", &NativeModel::forward, "one decoder step", pybind11::arg("tokens"),
            pybind11::arg("positions"), pybind11::arg("row_shape"), pybind11::arg("row_seq"),
            pybind11::arg("blocks"), pybind11::arg("logit_rows"), pybind11::arg("cache"),

@@ -135,6 +135,11 @@ void check_step(const Model& m, const Step& s) {
   }
 }
 
+void Forward::set_lora(Lora lora) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  model_.lora = std::move(lora);
+}
+
 void Forward::run(const Step& s, float* logits, int threads) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (threads > 0) omp_set_num_threads(threads);
@@ -167,8 +172,20 @@ void Forward::run(const Step& s, float* logits, int threads) {
   std::vector<int32_t> qkv_w, attn_w, mlp_w, bias_row;
   std::vector<Precision> row_precision;
   std::vector<Run> runs;
+  const Lora& lora = m.lora;
   for (int64_t l = 0; l < L; ++l) {
     const LayerWeights& w = m.layers[size_t(l)];
+    // active row i's LoRA term on one linear (y[0, n) += its adapter of x[0, k)), if its shape
+    // has an adapter
+    const auto adapt = [&](int64_t i, LoraSite site, int64_t in, int64_t out, const float* xi,
+                           int64_t k, float* yi, int64_t n) {
+      if (lora.rank == 0) return;
+      const int32_t shape = s.row_shape[active_[i]];
+      if (lora.route[2 * shape] < 0) return;
+      const LoraLinear& ab = lora.linears[size_t(l * LORA_SITES + site)];
+      lora_add(ab.a, ab.b, in, out, lora.rank, lora.route + 2 * shape, lora.gain + 2 * shape, xi,
+               k, yi, n);
+    };
     active_.clear();
     qkv_w.clear(), attn_w.clear(), mlp_w.clear(), bias_row.clear(), row_precision.clear();
     for (int64_t r = 0; r < T; ++r) {
@@ -202,6 +219,7 @@ void Forward::run(const Step& s, float* logits, int threads) {
       float* row = qkv_.data() + i * ldq;
       if (w.qkv_bias)
         for (int32_t c = 0; c < qkv_w[i]; ++c) row[c] += w.qkv_bias[c];
+      adapt(i, LORA_Q, H, lda, h_.data() + i * H, H, row + 2 * kv_rows, attn_w[i]);
       const int64_t r = active_[i], pos = s.positions[r];
       // keys then queries are adjacent: one rotary pass over kv + kept query heads
       rotary(row + kv_rows, int(kv + attn_w[i] / hd), int(hd), m.cos + pos * hd,
@@ -250,9 +268,12 @@ void Forward::run(const Step& s, float* logits, int threads) {
     for (const Run& run : runs)
       run_linear(run, w.o, w.qo, attn_.data(), lda, run.attn[0].width, run.attn,
                  Flavour::IN_PREFIX, x, H, true, qx_, false);
-    for (int64_t i = 0; i < n; ++i)
+#pragma omp parallel for if (par)
+    for (int64_t i = 0; i < n; ++i) {
+      adapt(i, LORA_O, lda, H, attn_.data() + i * lda, attn_w[i], x + i * H, H);
       if (bias_row[i] >= 0)
         for (int64_t c = 0; c < H; ++c) x[i * H + c] += m.bias_o[bias_row[i] * H + c];
+    }
 
 #pragma omp parallel for if (par)
     for (int64_t i = 0; i < n; ++i) rms_norm(x + i * H, w.mlp_norm, h_.data() + i * H, H, m.eps);
@@ -263,13 +284,20 @@ void Forward::run(const Step& s, float* logits, int threads) {
                  false, qx_, true);
     }
 #pragma omp parallel for if (par)
-    for (int64_t i = 0; i < n; ++i) silu_mul(gate_.data() + i * I, up_.data() + i * I, mlp_w[i]);
+    for (int64_t i = 0; i < n; ++i) {
+      adapt(i, LORA_GATE, H, I, h_.data() + i * H, H, gate_.data() + i * I, mlp_w[i]);
+      adapt(i, LORA_UP, H, I, h_.data() + i * H, H, up_.data() + i * I, mlp_w[i]);
+      silu_mul(gate_.data() + i * I, up_.data() + i * I, mlp_w[i]);
+    }
     for (const Run& run : runs)
       run_linear(run, w.down, w.qdown, gate_.data(), I, run.mlp[0].width, run.mlp,
                  Flavour::IN_PREFIX, x, H, true, qx_, false);
-    for (int64_t i = 0; i < n; ++i)
+#pragma omp parallel for if (par)
+    for (int64_t i = 0; i < n; ++i) {
+      adapt(i, LORA_DOWN, I, H, gate_.data() + i * I, mlp_w[i], x + i * H, H);
       if (bias_row[i] >= 0)
         for (int64_t c = 0; c < H; ++c) x[i * H + c] += m.bias_down[bias_row[i] * H + c];
+    }
 
     if (!all)
       for (int64_t i = 0; i < n; ++i)

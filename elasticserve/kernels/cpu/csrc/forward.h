@@ -37,6 +37,21 @@ struct ShapeTables {  // [num_shapes * num_layers] each, row-major by shape
   const int32_t* precision = nullptr;  // [num_shapes] Precision of each shape's linears
 };
 
+// The shape-aware LoRA experts (model/adapters.py) of one linear: a [E, in, r], b [E, r, out].
+struct LoraLinear {
+  const float* a = nullptr;
+  const float* b = nullptr;
+};
+
+enum LoraSite { LORA_Q = 0, LORA_O, LORA_GATE, LORA_UP, LORA_DOWN, LORA_SITES };
+
+struct Lora {
+  int32_t experts = 0, rank = 0;  // rank 0: no adapters
+  std::vector<LoraLinear> linears;  // [num_layers * LORA_SITES]
+  const int32_t* route = nullptr;   // [num_shapes, 2] each shape's two experts; -1: no adapter
+  const float* gain = nullptr;      // [num_shapes, 2] their gate weights times alpha / r
+};
+
 struct Model {
   int32_t hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab, num_layers;
   float eps;
@@ -50,6 +65,7 @@ struct Model {
   const float* bias_o = nullptr;     // [num_bias, H] added after o for the rows of a shape
   const float* bias_down = nullptr;  // [num_bias, H] added after down
   int32_t num_bias = 0;
+  Lora lora;
 };
 
 struct Step {
@@ -72,12 +88,14 @@ void check_step(const Model& model, const Step& step);
 
 class Forward {
  public:
-  explicit Forward(const Model& model) : model_(model) {}
+  explicit Forward(Model& model) : model_(model) {}
   // logits [num_logits, V], on `threads` OpenMP threads (0: the runtime's default)
   void run(const Step& step, float* logits, int threads);
+  // Replaces the model's adapters between steps (none runs meanwhile).
+  void set_lora(Lora lora);
 
  private:
-  const Model& model_;
+  Model& model_;
   std::mutex mutex_;  // one step at a time: the work buffers below are shared
   std::vector<float> x_, xl_, h_, qkv_, attn_, gate_, up_, scores_;
   std::vector<int32_t> active_;

@@ -69,6 +69,46 @@ float exp_sub_sum(float* p, int64_t n, float m) {
 
 }  // namespace
 
+void lora_add(const float* a, const float* b, int64_t in, int64_t out, int rank,
+              const int32_t* experts, const float* gain, const float* x, int64_t k, float* y,
+              int64_t n) {
+  float t[2 * 64];  // the rank-r projection of x by each expert, scaled by its gain
+  const bool vec = rank % 8 == 0 && rank <= 32;
+  for (int e = 0; e < 2; ++e) {
+    const float* ae = a + int64_t(experts[e]) * in * rank;
+    float* te = t + e * rank;
+    if (vec) {
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                       _mm256_setzero_ps()};
+      const int nv = rank / 8;
+      for (int64_t i = 0; i < k; ++i) {
+        const __m256 xv = _mm256_set1_ps(x[i]);
+        const float* row = ae + i * rank;
+        for (int v = 0; v < nv; ++v)
+          acc[v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(row + 8 * v), acc[v]);
+      }
+      const __m256 g = _mm256_set1_ps(gain[e]);
+      for (int v = 0; v < nv; ++v) _mm256_storeu_ps(te + 8 * v, _mm256_mul_ps(acc[v], g));
+    } else {
+      for (int j = 0; j < rank; ++j) te[j] = 0.0f;
+      for (int64_t i = 0; i < k; ++i)
+        for (int j = 0; j < rank; ++j) te[j] += x[i] * ae[i * rank + j];
+      for (int j = 0; j < rank; ++j) te[j] *= gain[e];
+    }
+  }
+  for (int e = 0; e < 2; ++e) {
+    const float* be = b + int64_t(experts[e]) * rank * out;
+    for (int j = 0; j < rank; ++j) {
+      const float* row = be + int64_t(j) * out;
+      const __m256 c = _mm256_set1_ps(t[e * rank + j]);
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(c, _mm256_loadu_ps(row + i), _mm256_loadu_ps(y + i)));
+      for (; i < n; ++i) y[i] += t[e * rank + j] * row[i];
+    }
+  }
+}
+
 double read_sum(const float* x, int64_t n) {
   double total = 0;
 #pragma omp parallel for reduction(+ : total) schedule(static)

@@ -31,6 +31,14 @@ void attend_tile(const float* q, int64_t q_row_stride, int64_t q_stride, int row
                  const int32_t* blocks, int32_t bs, int64_t pos0, int hd, float scale,
                  float* out, int64_t out_row_stride, int64_t out_stride);
 
+// One row's shape-aware LoRA term on one linear, added in place: for each of the row's two
+// experts e, y[0, n) += gain[e] * (x[0, k) . a_e[0, k)) b_e[:, 0, n), where a holds the experts'
+// [in, rank] down-projections and b their [rank, out] up-projections (experts[e] indexes them).
+// k < in is an input prefix (o, down), n < out an output prefix (q, gate, up). rank <= 64.
+void lora_add(const float* a, const float* b, int64_t in, int64_t out, int rank,
+              const int32_t* experts, const float* gain, const float* x, int64_t k, float* y,
+              int64_t n);
+
 // The sum of n floats on the OpenMP team: a read of memory at the rate the kernels can reach.
 double read_sum(const float* x, int64_t n);
 
