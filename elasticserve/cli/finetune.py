@@ -46,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument(
+        "--adapter-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="how the pack stores the experts (bfloat16: half the file)",
+    )
+    ft.add_argument(
         "--threads", type=int, default=None, help="CPU threads (1 is fastest on a busy machine)"
     )
     ft.set_defaults(func=run_finetune)
@@ -121,6 +127,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         chat_share=args.chat_share if chat else 0.0,
+        adapter_dtype=args.adapter_dtype,
     )
     meta = {
         "command": "elasticserve " + shlex.join(sys.argv[1:]),

@@ -202,17 +202,21 @@ def has_adapters(pack_dir: str | os.PathLike[str]) -> bool:
 
 
 def save_adapters(
-    experts: LoraExperts, pack_dir: str | os.PathLike[str], meta: dict[str, object] | None = None
+    experts: LoraExperts,
+    pack_dir: str | os.PathLike[str],
+    meta: dict[str, object] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Write the gate and experts (fp32) and their config into a pack directory."""
+    """Write the gate (fp32) and experts (`dtype`: bf16 halves the file; loading reads them
+    back into fp32) and their config into a pack directory."""
     path = Path(pack_dir)
     tensors = {
         f"gate.{k}": v.detach().float().contiguous() for k, v in experts.gate.state_dict().items()
     }
     for key in experts.a:
         layer, name = key.split("_", 1)
-        tensors[f"experts.{layer}.{name}.a"] = experts.a[key].detach().float().contiguous()
-        tensors[f"experts.{layer}.{name}.b"] = experts.b[key].detach().float().contiguous()
+        tensors[f"experts.{layer}.{name}.a"] = experts.a[key].detach().to(dtype).contiguous()
+        tensors[f"experts.{layer}.{name}.b"] = experts.b[key].detach().to(dtype).contiguous()
     save_file(tensors, path / WEIGHTS_FILE)
     manifest = {
         "format_version": FORMAT_VERSION,

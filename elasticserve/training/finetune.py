@@ -51,6 +51,7 @@ class FinetuneConfig:
     checkpoint_every: int = 25
     seed: int = 0
     chat_share: float = 0.0  # share of each batch's windows drawn from the chat stream
+    adapter_dtype: str = "float32"  # how the experts are stored in the pack (bfloat16: half)
 
 
 @dataclass
@@ -164,7 +165,10 @@ def finetune(
     chat = torch.tensor(chat_ids or [], dtype=torch.long, device=device)
     held_out = torch.tensor(eval_ids[: config.eval_tokens], dtype=torch.long, device=device)
     torch.manual_seed(config.seed)
-    experts = LoraExperts(bundle.config, bundle.pack.widths, config.lora, bundle.specs).to(device)
+    # the dense shapes are the students: a q8/q4 shape takes its dense sibling's adapter (the gate
+    # sees layers and widths only) and the torch forward of training has no quantized weights
+    dense = [s for s in bundle.specs if not s.shape.precision]
+    experts = LoraExperts(bundle.config, bundle.pack.widths, config.lora, dense).to(device)
     opt, sched = _optimizer(experts, config)
     ckpt = Path(checkpoint) if checkpoint else Path(f"{out}.ckpt.pt")
     state = _load_checkpoint(ckpt, experts, opt, sched, config) if resume else None
@@ -173,7 +177,7 @@ def finetune(
 
     def log_eval() -> None:
         if len(held_out) > config.seq_len:  # at least one full window of held-out text
-            ppl = evaluate(bundle, experts, held_out, _eval_specs(bundle.specs), config.seq_len)
+            ppl = evaluate(bundle, experts, held_out, _eval_specs(dense), config.seq_len)
             history.append({"step": done, **ppl})
             text = ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
             tqdm.write(f"step {done}: held-out ppl {text}")
@@ -190,7 +194,7 @@ def finetune(
             if chat_rows:
                 rows.append(sample_batch(chat, chat_rows, config.seq_len, batch_seed + 1))
             batch = torch.cat(rows)
-            students = sandwich(bundle.specs, config.random_shapes, config.seed + step)
+            students = sandwich(dense, config.random_shapes, config.seed + step)
             losses = train_step(bundle, experts, batch, students)
             torch.nn.utils.clip_grad_norm_(experts.parameters(), config.clip)
             opt.step()
@@ -206,7 +210,7 @@ def finetune(
         _save_checkpoint(ckpt, experts, opt, sched, config, done, history)
         raise
     run_meta = {**(meta or {}), "steps": done, "config": asdict(config), "history": history}
-    write_pack(bundle, experts, out, run_meta)
+    write_pack(bundle, experts, out, run_meta, getattr(torch, config.adapter_dtype))
     return FinetuneResult(experts, start, done, history)
 
 
@@ -234,13 +238,17 @@ def _eval_specs(specs: list[ShapeSpec]) -> list[ShapeSpec]:
 
 
 def write_pack(
-    bundle: ModelBundle, experts: LoraExperts, out: str | os.PathLike[str], meta: dict[str, object]
+    bundle: ModelBundle,
+    experts: LoraExperts,
+    out: str | os.PathLike[str],
+    meta: dict[str, object],
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """The input pack plus the adapters, written to a temp dir and renamed over `out`."""
     out = Path(out)
     tmp = out.parent / f".{out.name}.partial"
     bundle.pack.save(tmp)
-    save_adapters(experts, tmp, meta)
+    save_adapters(experts, tmp, meta, dtype)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -211,6 +211,17 @@ def test_adapters_round_trip_through_the_pack(bundle, tiny_llama_dir, pack_dir, 
     )
     with pytest.raises(ValueError, match="widths"):
         load_adapters(path, bundle.config, [1.0, 0.5])
+    half = tmp_path / "bf16"
+    bundle.pack.save(half)
+    save_adapters(experts, half, {}, torch.bfloat16)
+    assert (half / "lora.safetensors").stat().st_size < 0.6 * (
+        path / "lora.safetensors"
+    ).stat().st_size
+    rounded, _ = load_adapters(half, bundle.config, bundle.pack.widths)
+    for key in experts.a:
+        assert rounded.a[key].dtype == torch.float32
+        assert torch.equal(rounded.a[key], experts.a[key].detach().bfloat16().float())
+        assert torch.equal(rounded.b[key], experts.b[key].detach().bfloat16().float())
 
 
 def _distill_kl(bundle, experts, spec, ids) -> float:
