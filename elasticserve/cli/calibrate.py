@@ -60,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--window", type=int, default=None, help="window (default: min(context, 512))")
     ev.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     ev.add_argument(
+        "--record",
+        action="store_true",
+        help="write the measured perplexity / chat quality into the --pack directory's manifest "
+        "(what the policy and /v1/shapes read)",
+    )
+    ev.add_argument(
         "--no-lora", action="store_true", help="the pack without its fine-tuned adapters"
     )
     ev.add_argument(
@@ -130,6 +136,31 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record(args: argparse.Namespace, rows: list[dict[str, object]], notes: list[str]) -> None:
+    """Write the measured columns into the pack directory's manifest."""
+    from ..model.pack import record_quality
+
+    if args.pack is None:
+        raise ValueError("--record writes into a pack directory: pass --pack")
+    ppl = {str(r["shape"]): float(r["ppl"]) for r in rows if "ppl" in r}  # type: ignore[arg-type]
+    chat = {
+        str(r["shape"]): {
+            "kl": float(r["chat_kl"]),  # type: ignore[arg-type]
+            "agree": float(r["chat_agree"]),  # type: ignore[arg-type]
+        }
+        for r in rows
+        if "chat_kl" in r
+    }
+    argv = getattr(args, "argv", sys.argv[1:])
+    command = "elasticserve " + shlex.join(argv) if argv else None
+    source: dict[str, object] = {
+        "command": command,
+        "measured": "; ".join(notes),
+        "lora": not args.no_lora,
+    }
+    record_quality(args.pack, ppl, chat, source)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Print held-out perplexity and/or chat agreement per shape as a table or JSON."""
     from ..model.bundle import load_bundle
@@ -167,6 +198,8 @@ def run_eval(args: argparse.Namespace) -> int:
         for row, chat in zip(rows, chat_report(bundle, specs, convs, progress=True), strict=True):
             row["chat_kl"], row["chat_agree"] = chat["chat_kl"], chat["chat_agree"]
         notes.append(f"{len(records)} chat answers ({sum(len(a) for _, a in convs)} tokens)")
+    if args.record:
+        _record(args, rows, notes)
     if args.json:
         print(json.dumps(rows))
         return 0

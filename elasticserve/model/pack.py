@@ -53,6 +53,8 @@ class Pack:
     layer_tables: dict[int, tuple[int, ...]]  # depth -> kept layers
     bias: dict[tuple[float, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     quality: dict[str, float] = field(default_factory=dict)  # shape name -> held-out perplexity
+    # shape name -> {"kl": mean KL to full, "agree": greedy agreement} on held-out chat answers
+    chat_quality: dict[str, dict[str, float]] = field(default_factory=dict)
     meta: dict[str, object] = field(default_factory=dict)  # how it was made (command, data, ...)
     # quantized precisions the grid offers besides the model's dtype ("q8", "q4"), from the same
     # stored weights; quantized once at load (model/quant.py)
@@ -97,6 +99,7 @@ class Pack:
                             mlp=mlp,
                             weight_fraction=params / full * bits / dense_bits,
                             ppl=self.quality.get(str(shape)),
+                            chat=self.chat_quality.get(str(shape)),
                         )
                     )
         return out
@@ -137,6 +140,7 @@ class Pack:
             },
             "layer_tables": {str(d): list(t) for d, t in sorted(self.layer_tables.items())},
             "quality": self.quality,
+            "chat_quality": self.chat_quality,
             "meta": self.meta,
             "precisions": list(self.precisions),
         }
@@ -181,9 +185,37 @@ class Pack:
             layer_tables={int(d): tuple(t) for d, t in manifest["layer_tables"].items()},
             bias=bias,
             quality={k: float(v) for k, v in manifest.get("quality", {}).items()},
+            chat_quality={
+                k: {m: float(x) for m, x in v.items()}
+                for k, v in manifest.get("chat_quality", {}).items()
+            },
             meta=dict(manifest.get("meta", {})),
             precisions=parse_precisions(manifest.get("precisions", [])),
         )
+
+
+def record_quality(
+    path: str | os.PathLike[str],
+    ppl: dict[str, float] | None = None,
+    chat: dict[str, dict[str, float]] | None = None,
+    source: dict[str, object] | None = None,
+) -> None:
+    """Write measured per-shape perplexity and chat quality into a pack directory's manifest
+    (only the manifest: the pack's tensors, adapters and README stay), replacing those shapes'
+    entries; `source` (what was measured how) goes into meta["quality_record"]."""
+    manifest_path = Path(path) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"not a pack directory (no manifest.json): {path}")
+    manifest = json.loads(manifest_path.read_text())
+    manifest.setdefault("quality", {}).update({k: round(v, 3) for k, v in (ppl or {}).items()})
+    manifest.setdefault("chat_quality", {}).update(
+        {k: {m: round(x, 4) for m, x in v.items()} for k, v in (chat or {}).items()}
+    )
+    if source:
+        manifest.setdefault("meta", {})["quality_record"] = source
+    tmp = manifest_path.with_name("manifest.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, manifest_path)
 
 
 # -- the identity pack: original order, uniform widths, evenly spaced layers ----------------------

@@ -99,6 +99,8 @@ class ShapeSpec:
     # and scales against the full shape in the model's dtype)
     weight_fraction: float
     ppl: float | None = None  # held-out perplexity recorded in the pack, if measured
+    # {"kl": ..., "agree": ...} against the full shape on held-out chat answers, if measured
+    chat: dict[str, float] | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:

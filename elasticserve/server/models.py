@@ -45,6 +45,8 @@ def _shape_cards(server: ServerState) -> ShapeList:
                 weight_bytes=server.bundle.weight_bytes(spec),
                 ppl=spec.ppl,
                 adapter=spec.id in adapted,
+                chat_kl=spec.chat.get("kl") if spec.chat else None,
+                chat_agree=spec.chat.get("agree") if spec.chat else None,
                 latency=dict(server.shape_latency[spec.name])
                 if spec.name in server.shape_latency
                 else None,

@@ -606,6 +606,9 @@ class ShapeCard(_Response):
     weight_bytes: int  # weight bytes one decode step reads (LM head included)
     ppl: float | None = None  # held-out perplexity from the pack
     adapter: bool = False  # a fine-tuned LoRA adapter of the pack applies to it
+    # mean KL to the full shape and greedy agreement with it on held-out chat, from the pack
+    chat_kl: float | None = None
+    chat_agree: float | None = None
     latency: dict[str, float] | None = None  # measured TTFT/TPOT, when the pack has a profile
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from elasticserve.cli.main import main
 from elasticserve.model.adapters import LoraConfig, effective_weights
 from elasticserve.model.bundle import load_bundle
+from elasticserve.model.pack import Pack
 from elasticserve.training.chat import (
     build_distill_set,
     chat_ids,
@@ -209,3 +211,40 @@ def test_cli_distill_data_then_eval_chat(tiny_llama_dir, pack_dir, tmp_path, cap
     assert rows[0]["chat_agree"] == 1.0 and rows[1]["chat_kl"] > 0
     with pytest.raises(SystemExit):
         main(["eval", *common, "--chat", str(out), "--shapes", "full"])  # no heldout records
+
+
+def test_eval_record_writes_the_measures_into_the_pack(
+    tiny_llama_dir, pack_dir, text_file, tmp_path, capsys
+):
+    pack = tmp_path / "pack"
+    shutil.copytree(pack_dir, pack)
+    (pack / "README.md").write_text("kept")
+    chat = tmp_path / "set.jsonl"
+    records = [
+        {
+            "split": "heldout",
+            "finish_reason": "stop",
+            "messages": [
+                {"role": "user", "content": f"Tell me about the ball, part {i}."},
+                {"role": "assistant", "content": "It was a grand evening with music and dancing."},
+            ],
+        }
+        for i in range(3)
+    ]
+    write_jsonl(records, chat)
+    bundle = load_bundle(tiny_llama_dir, pack=pack, dtype="float32")
+    small = _smallest(bundle).name
+    argv = ["eval", "--model", str(tiny_llama_dir), "--pack", str(pack), "--dtype", "float32"]
+    argv += ["--data", str(text_file), "--chat", str(chat), "--shapes", f"full,{small}"]
+    main([*argv, "--json", "--record"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    reloaded = Pack.load(pack)
+    assert (pack / "README.md").read_text() == "kept", "only the manifest is rewritten"
+    for row in rows:
+        assert reloaded.quality[row["shape"]] == round(row["ppl"], 3)
+        assert reloaded.chat_quality[row["shape"]]["agree"] == round(row["chat_agree"], 4)
+    spec = load_bundle(tiny_llama_dir, pack=pack, dtype="float32").spec(small)
+    assert spec.chat is not None and spec.chat["kl"] > 0
+    assert "--record" in reloaded.meta["quality_record"]["command"]
+    with pytest.raises(SystemExit):  # --record needs a pack directory to write
+        main(["eval", "--model", str(tiny_llama_dir), "--data", str(text_file), "--record"])
