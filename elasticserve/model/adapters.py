@@ -152,12 +152,18 @@ class LoraExperts(nn.Module):
 
 @torch.no_grad()
 def effective_weights(
-    experts: LoraExperts, specs: list[ShapeSpec], dtype: torch.dtype, device: torch.device
+    experts: LoraExperts,
+    specs: list[ShapeSpec],
+    dtype: torch.dtype,
+    device: torch.device,
+    torch_tables: bool = True,
 ) -> LoraWeights:
     """Collapse the mixture into one adapter per dense shape and layer it keeps (none for
     full), for the torch step; and each shape's route into the experts, for the native CPU step,
     which mixes the experts per row: there a quantized shape takes its dense sibling's adapter
-    (the same layers and widths: the gate sees no precision; full's siblings take none)."""
+    (the same layers and widths: the gate sees no precision; full's siblings take none).
+    `torch_tables=False` skips the torch step's per-shape tables (shapes x layers adapters:
+    ~240 MB for the default pack) where only the native step serves."""
     num_layers = experts.model_config.num_layers
     slots = [[-1] * len(specs) for _ in range(num_layers)]
     per_layer: list[dict[str, list[Pair]]] = [{n: [] for n in LINEARS} for _ in range(num_layers)]
@@ -169,12 +175,15 @@ def effective_weights(
         assert weights is not None and ids is not None
         routes[spec.id] = (tuple(ids[i].tolist()), tuple(weights[i].tolist()))
         if spec.shape.precision:
-            continue  # the torch step cannot run it: no tables
+            continue  # the torch step cannot run a q8/q4 shape: no tables
         for layer in spec.layers:
-            slots[layer][spec.id] = len(per_layer[layer]["q"])
-            for name in LINEARS:
-                pair = experts.combine(f"{layer}_{name}", ids[i], weights[i])
-                per_layer[layer][name].append(pair)
+            slots[layer][spec.id] = sum(1 for row in slots[layer] if row >= 0)
+            if torch_tables:
+                for name in LINEARS:
+                    pair = experts.combine(f"{layer}_{name}", ids[i], weights[i])
+                    per_layer[layer][name].append(pair)
+    if not torch_tables:
+        per_layer = []
 
     def stack(pairs: list[Pair], side: int) -> Tensor:
         return torch.stack([p[side] for p in pairs]).to(device, dtype).contiguous()

@@ -153,7 +153,8 @@ def load_bundle(
     specs = pack.specs(chosen, dense_bits=torch_dtype.itemsize * 8, precision_bits=bits)
     if lora and pack_dir is not None and has_adapters(pack_dir):
         experts, _ = load_adapters(pack_dir, config, pack.widths)
-        elastic.lora = effective_weights(experts, specs, torch_dtype, dev)
+        # the native CPU step mixes the experts itself: no per-shape tables for the torch step
+        elastic.lora = effective_weights(experts, specs, torch_dtype, dev, ext is None)
     biases = {
         k: (o.to(dev, torch_dtype), d.to(dev, torch_dtype)) for k, (o, d) in pack.bias.items()
     }

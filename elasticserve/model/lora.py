@@ -104,6 +104,11 @@ def bind_step(
         if not adapted:
             bound.append(None)
             continue
+        if not lora.tables:
+            raise RuntimeError(
+                "these adapters were loaded for the native CPU step only (no torch tables): "
+                "load the model with cpu_kernels='torch' to run adapted shapes on torch ops"
+            )
         tables = lora.tables[layer]
         layer_lora = LayerLora(tables, adapted)
         bound.append(layer_lora)

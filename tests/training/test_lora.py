@@ -22,6 +22,7 @@ from elasticserve.model.adapters import (
 from elasticserve.model.bundle import load_bundle
 from elasticserve.model.lora import LINEARS, OUTPUT_PREFIX, LayerLora, bind_step
 from elasticserve.model.shape_forward import shape_logits
+from elasticserve.model.step_plan import SeqChunk, build_step
 from elasticserve.training.export import ADAPTER_DIR, export_shape
 from elasticserve.training.finetune import (
     FinetuneConfig,
@@ -211,6 +212,21 @@ def test_adapters_round_trip_through_the_pack(bundle, tiny_llama_dir, pack_dir, 
     )
     with pytest.raises(ValueError, match="widths"):
         load_adapters(path, bundle.config, [1.0, 0.5])
+    if with_lora.native is not None:  # the native step mixes the experts: no torch tables
+        assert with_lora.model.lora.tables == [] and with_lora.model.lora.experts
+        torch_only = load_bundle(tiny_llama_dir, pack=path, dtype="float32", cpu_kernels="torch")
+        assert torch_only.model.lora.tables, "the torch step gets its per-shape tables"
+        small = with_lora.spec("d3-w0.5")
+        step = build_step(
+            [SeqChunk(small, [1, 2, 3], logits="last")],
+            bundle.config.num_layers,
+            bundle.config.head_dim,
+            2 * bundle.config.kv_size,
+            16,
+            with_lora.biases,
+        )
+        with pytest.raises(RuntimeError, match="native CPU step only"):
+            with_lora.model.forward(step)
     half = tmp_path / "bf16"
     bundle.pack.save(half)
     save_adapters(experts, half, {}, torch.bfloat16)
