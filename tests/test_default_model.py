@@ -7,7 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from elasticserve import LLM, SamplingParams
-from elasticserve.model.bundle import load_bundle
+from elasticserve.model.bundle import default_pack_path, load_bundle
+from elasticserve.training.chat import conversation_ids, read_chat
+from elasticserve.training.evaluate import chat_report
 
 from .conftest import requires_default_model
 from .helpers import prefill_logits
@@ -57,3 +59,43 @@ def test_served_model_name_keeps_the_default_pack(llm):
     grid = [(s.name, s.layers, s.heads, s.mlp) for s in llm.bundle.specs]
     assert [(s.name, s.layers, s.heads, s.mlp) for s in alias.specs] == grid
     assert alias.pack.fingerprint == llm.bundle.pack.fingerprint
+
+
+# -- the default pack's distilled adapters -------------------------------------------------------
+
+
+CHAT_SHAPES = ["d30-w0.75", "d24-w1.0", "d24-w0.75-q4"]
+
+
+def _held_out_chat(bundle, count: int = 4):
+    pack = default_pack_path(bundle.name)
+    assert pack is not None
+    path = pack / "chat.jsonl"
+    records = read_chat(path, "heldout")[:count]
+    return [conversation_ids(bundle.tokenizer, r) for r in records]
+
+
+def test_the_default_pack_ships_adapters_that_lower_held_out_chat_kl(llm):
+    bundle = llm.bundle
+    assert bundle.model.lora is not None, "the default pack has adapters"
+    plain = load_bundle(dtype="float32", lora=False)
+    assert plain.model.lora is None
+    lora = bundle.model.lora
+    assert bundle.full.id not in lora.routes, "the full shape has none: it stays the base model"
+    convs = _held_out_chat(bundle)
+    specs = [bundle.spec(n) for n in CHAT_SHAPES]
+    assert all(s.id in lora.routes for s in specs)
+    with_lora = chat_report(bundle, specs, convs)
+    without = chat_report(plain, [plain.spec(n) for n in CHAT_SHAPES], convs)
+    for a, b in zip(with_lora, without, strict=True):
+        assert a["chat_kl"] < b["chat_kl"], (a, b)
+
+
+def test_adapted_shapes_apply_by_shape_id_in_a_mixed_batch(llm):
+    shapes = ["d30-w1.0", *CHAT_SHAPES]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt = "Tell me about the village and its people."
+    together = llm.generate([prompt] * len(shapes), params, shape=shapes)
+    for shape, out in zip(shapes, together, strict=True):
+        alone = llm.generate(prompt, params, shape=shape)[0]
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids, shape
