@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from elasticserve.cli.main import main
 from elasticserve.model.adapters import LoraConfig, effective_weights
@@ -143,20 +142,6 @@ def test_chat_report_full_agrees_with_itself_and_small_shapes_do_not(bundle, tex
     assert small_row["chat_kl"] > 1e-3 and small_row["chat_agree"] < 1.0
     with pytest.raises(ValueError, match="at least one"):
         chat_report(bundle, [small], [(p, []) for p, _ in convs])
-
-
-@pytest.fixture(scope="module")
-def peaked_bundle(tiny_llama_dir, tmp_path_factory):
-    """The tiny model with 20x embeddings, so that its outputs are peaked (a random model's
-    near-uniform outputs leave distillation almost nothing to fix)."""
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    with torch.no_grad():
-        hf.model.embed_tokens.weight.mul_(20)
-    path = tmp_path_factory.mktemp("chat-peaked")
-    hf.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
-    base = load_bundle(path, dtype="float32")
-    return load_bundle(path, pack=random_pack(base.pack, seed=7), dtype="float32")
 
 
 def test_finetune_on_chat_lowers_the_small_shapes_chat_kl(peaked_bundle, text_file, tmp_path):

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from elasticserve import EngineConfig, SamplingParams
 from elasticserve.engine.llm_engine import LLMEngine
@@ -257,20 +257,6 @@ def text_ids(tokenizer) -> list[int]:
         return tokenizer(" ".join([__doc__ or ""] * 200))["input_ids"]
     with open(path, encoding="utf-8") as f:
         return tokenizer(f.read(60_000))["input_ids"]
-
-
-@pytest.fixture(scope="module")
-def peaked_bundle(tiny_llama_dir, tmp_path_factory):
-    """The tiny model with 20x embeddings, so that its outputs are peaked."""
-    # A random model's near-uniform outputs leave distillation almost nothing to fix.
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    with torch.no_grad():
-        hf.model.embed_tokens.weight.mul_(20)
-    path = tmp_path_factory.mktemp("peaked")
-    hf.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
-    base = load_bundle(path, dtype="float32")
-    return load_bundle(path, pack=random_pack(base.pack, seed=7), dtype="float32")
 
 
 def test_short_finetune_lowers_distillation_loss_of_small_shape(peaked_bundle, text_ids, tmp_path):
