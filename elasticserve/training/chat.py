@@ -218,7 +218,7 @@ def split_of(text: str, heldout: float) -> str:
 
 
 def distill_records(
-    bundle: ModelBundle,
+    engine: LLMEngine,
     prompts: Sequence[ChatPrompt],
     max_tokens: int,
     temperature: float,
@@ -226,8 +226,7 @@ def distill_records(
     heldout: float,
 ) -> list[dict[str, Any]]:
     """The full shape's answer to every prompt, as JSONL-ready records."""
-    engine = LLMEngine(bundle, EngineConfig())
-    ids = [chat_ids(bundle.tokenizer, p.text) for p in prompts]
+    ids = [chat_ids(engine.tokenizer, p.text) for p in prompts]
     params = [
         SamplingParams(
             temperature=temperature, top_p=0.9, max_tokens=max_tokens, seed=seed * 7919 + i
@@ -264,14 +263,15 @@ def build_distill_set(
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Prompts from the three sources, answered by the full shape."""
+    engine = LLMEngine(bundle, EngineConfig())  # one engine (one KV cache) for both passes
     prompts = [ChatPrompt("seed", p) for p in SEED_PROMPTS[:seed_prompts]]
     if self_count:
-        prompts += self_prompts(LLMEngine(bundle, EngineConfig()), self_count, seed)
+        prompts += self_prompts(engine, self_count, seed)
     if data and passage_count:
         prompts += passage_prompts(data, passage_count, seed, exclude)
     if not prompts:
         raise ValueError("no prompts: ask for seed, self-written or passage prompts")
-    return distill_records(bundle, prompts, max_tokens, temperature, seed, heldout)
+    return distill_records(engine, prompts, max_tokens, temperature, seed, heldout)
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> int:
