@@ -10,6 +10,9 @@ bytes predict.
     python bench/bench_decode.py [--dtypes float32,bfloat16] [--kernels native,torch]
                                  [--batches 1,8] [--quick]
 
+`--kernels native-avx2` is the native step with its AMX bf16 tiles turned off (the AVX2 kernels),
+so an AMX CPU measures both in the same rounds.
+
 Each dtype runs on both CPU paths (the native kernels and torch ops) in the same rounds; a batch
 at least as large as the picked shapes also runs mixed (one shape per row, round robin), reported
 as its time against the widest shape's batch. The read bandwidth is the best of probes taken
@@ -96,11 +99,22 @@ def decode_seconds(
     return best, first
 
 
-def ours(llm: LLM, batch: list[list[int]], shape: str | list[str]) -> Callable[[int], object]:
+def ours(
+    llm: LLM, batch: list[list[int]], shape: str | list[str], amx: bool = True
+) -> Callable[[int], object]:
+    from elasticserve.kernels.cpu import load
+
+    ext = load()
+
     def run(n: int) -> object:
-        return llm.generate(
-            batch, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), shape=shape
-        )
+        before = ext.use_amx(amx) if ext is not None else None
+        try:
+            return llm.generate(
+                batch, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), shape=shape
+            )
+        finally:
+            if ext is not None:
+                ext.use_amx(before)
 
     return run
 
@@ -154,7 +168,7 @@ def main() -> None:
     bandwidths = [measure_bandwidth()]
     for dtype in args.dtypes.split(","):
         llms = {
-            k: LLM(args.model, args.pack, dtype=dtype, cpu_kernels=k)
+            k: LLM(args.model, args.pack, dtype=dtype, cpu_kernels=k.removesuffix("-avx2"))
             for k in args.kernels.split(",")
         }
         first = next(iter(llms.values()))
@@ -167,11 +181,12 @@ def main() -> None:
             batch = prompts(first.tokenizer, b, args.prompt_len)
             runs = {"HF": hf_generate(hf, batch)}
             for kernels, llm in llms.items():
+                amx = not kernels.endswith("-avx2")
                 runs.update(
-                    {f"{kernels} {spec.name}": ours(llm, batch, spec.name) for spec in shapes}
+                    {f"{kernels} {spec.name}": ours(llm, batch, spec.name, amx) for spec in shapes}
                 )
                 if b >= len(shapes):  # a mixed batch: one of each picked shape, round robin
-                    runs[f"{kernels} mixed"] = ours(llm, batch, mixed[:b])
+                    runs[f"{kernels} mixed"] = ours(llm, batch, mixed[:b], amx)
             seconds, prefill = decode_seconds(runs, args.new_tokens, args.repeats)
             bandwidths.append(measure_bandwidth())
             bandwidth = max(bandwidths)
@@ -212,7 +227,7 @@ def main() -> None:
                         f"{row['bytes_speedup']:.2f}, {row['speedup_vs_bytes']:.0%})"
                     )
                     print(
-                        f"{dtype:>9} {kernels:>6} B={b} {name:<11} {row['weight_fraction']:>6.1%} "
+                        f"{dtype:>9} {kernels:>11} B={b} {name:<11} {row['weight_fraction']:>6.1%} "
                         f"{tps:7.1f} tok/s  HF {hf_tps:6.1f}  x{row['vs_hf']:.2f} vs HF  "
                         + (
                             f"{1 / row['speedup']:.2f}x the widest's time"

@@ -35,7 +35,8 @@ def startup_lines(engine: LLMEngine) -> list[str]:
         ops = "torch ops"
         if bundle.native is not None:
             quant = "AVX-512 VNNI" if bundle.native.vnni else "AVX2"
-            ops = f"native kernels (AVX2; q8/q4: {quant})"
+            dense = "AMX for bf16" if bundle.native.amx else "AVX2"
+            ops = f"native kernels ({dense}; q8/q4: {quant})"
         path = f"CPU {capability} ({bf16}), {torch.get_num_threads()} threads, {ops}"
     blocks, block_size = runner.num_blocks, runner.block_size
     kv_bytes = runner.cache.numel() * runner.cache.element_size()

@@ -46,6 +46,7 @@ class NativeDecoder:
         cfg, w = model.config, model.weights
         self.config = cfg
         self.vnni = bool(ext.vnni_supported())  # the q8/q4 linears run AVX-512 VNNI kernels
+        self.amx = bool(ext.amx_supported())  # the bf16 linears run AMX tiles
         self.model = model
         num_layers = cfg.num_layers
         bias_rows: dict[tuple[float, int], int] = {}

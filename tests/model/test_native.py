@@ -138,6 +138,35 @@ def test_bad_indices_are_refused(bundle):
         bundle.native.forward([SeqChunk(spec, [cfg.vocab_size], 0, table)], cache, BLOCK)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_amx_tiles_match_the_avx2_step_in_bf16(tiny_llama_dir, lora):
+    """bf16 weights on AMX tiles (x as two bf16 halves) against the AVX2 kernels (fp32 x)."""
+    ext = build.load()
+    if not ext.amx_supported():
+        pytest.skip("this CPU has no AMX-BF16")
+    base = load_bundle(tiny_llama_dir, dtype="float32", cpu_kernels="torch")
+    bundle = load_bundle(tiny_llama_dir, pack=random_pack(base.pack, seed=5), dtype="bfloat16")
+    cfg = bundle.config
+    g = torch.Generator().manual_seed(1)
+    lengths = [40, 1, 17, 9, 3]  # more rows than an x tile, fewer, a decode
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    specs = [bundle.spec(s) for s in SHAPES]
+    pool = BlockPool(BLOCK)
+    tables = [pool.table(s, n) for s, n in zip(specs, lengths, strict=True)]
+    chunks = [SeqChunk(s, p, 0, t, "all") for s, p, t in zip(specs, prompts, tables, strict=True)]
+    logits = {}
+    for amx in (True, False):
+        cache = kv_cache.allocate(cfg, 512, BLOCK, torch.float32, torch.device("cpu"))
+        before = ext.use_amx(amx)
+        try:
+            with adapters(bundle, lora):
+                logits[amx], _ = bundle.native.forward(chunks, cache, BLOCK)
+        finally:
+            ext.use_amx(before)
+    scale = logits[False].abs().max().item()
+    assert (logits[True] - logits[False]).abs().max().item() <= 1e-4 * scale
+
+
 def test_engine_greedy_tokens_equal_torch_path(tiny_llama_dir, tokenizer):
     base = load_bundle(tiny_llama_dir, dtype="float32", cpu_kernels="torch")
     pack = random_pack(base.pack, seed=2)

@@ -364,6 +364,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("vnni_supported", &es::vnni_supported, "AVX-512 VNNI present (the q8/q4 kernels use it)");
   mod.def("use_vnni", &es::use_vnni, "allow the VNNI q8/q4 kernels (tests); returns the old value",
           pybind11::arg("allow"));
+  mod.def("amx_supported", &es::amx_supported,
+          "AMX-BF16 present and granted (the bf16 linears use it)");
+  mod.def("use_amx", &es::use_amx, "allow the AMX bf16 kernels (tests); returns the old value",
+          pybind11::arg("allow"));
   mod.def("read", &read_probe, "sum of a float32 tensor (read-bandwidth probe)", pybind11::arg("x"),
           pybind11::arg("threads") = 0);
   pybind11::class_<NativeModel>(mod, "NativeModel")

@@ -202,6 +202,8 @@ void Forward::run(const Step& s, float* logits, int threads) {
     const int64_t n = int64_t(active_.size());
     const bool all = n == T;
     const bool par = n > 8;
+    // a LoRA row is worth a thread of its own: its adapters are a few hundred kFLOP a linear
+    const bool lpar = par || (lora.rank > 0 && n > 1);
     float* x = all ? x_.data() : xl_.data();
     if (!all)
       for (int64_t i = 0; i < n; ++i)
@@ -214,7 +216,7 @@ void Forward::run(const Step& s, float* logits, int threads) {
       run_linear(run, w.qkv, w.qqkv, h_.data(), H, H, run.qkv, Flavour::OUT_PREFIX, qkv_.data(),
                  ldq, false, qx_, false);
 
-#pragma omp parallel for if (par)
+#pragma omp parallel for if (lpar)
     for (int64_t i = 0; i < n; ++i) {
       float* row = qkv_.data() + i * ldq;
       if (w.qkv_bias)
@@ -268,7 +270,7 @@ void Forward::run(const Step& s, float* logits, int threads) {
     for (const Run& run : runs)
       run_linear(run, w.o, w.qo, attn_.data(), lda, run.attn[0].width, run.attn,
                  Flavour::IN_PREFIX, x, H, true, qx_, false);
-#pragma omp parallel for if (par)
+#pragma omp parallel for if (lpar)
     for (int64_t i = 0; i < n; ++i) {
       adapt(i, LORA_O, lda, H, attn_.data() + i * lda, attn_w[i], x + i * H, H);
       if (bias_row[i] >= 0)
@@ -283,7 +285,7 @@ void Forward::run(const Step& s, float* logits, int threads) {
       run_linear(run, w.up, w.qup, h_.data(), H, H, run.mlp, Flavour::OUT_PREFIX, up_.data(), I,
                  false, qx_, true);
     }
-#pragma omp parallel for if (par)
+#pragma omp parallel for if (lpar)
     for (int64_t i = 0; i < n; ++i) {
       adapt(i, LORA_GATE, H, I, h_.data() + i * H, H, gate_.data() + i * I, mlp_w[i]);
       adapt(i, LORA_UP, H, I, h_.data() + i * H, H, up_.data() + i * I, mlp_w[i]);
@@ -292,7 +294,7 @@ void Forward::run(const Step& s, float* logits, int threads) {
     for (const Run& run : runs)
       run_linear(run, w.down, w.qdown, gate_.data(), I, run.mlp[0].width, run.mlp,
                  Flavour::IN_PREFIX, x, H, true, qx_, false);
-#pragma omp parallel for if (par)
+#pragma omp parallel for if (lpar)
     for (int64_t i = 0; i < n; ++i) {
       adapt(i, LORA_DOWN, I, H, gate_.data() + i * I, mlp_w[i], x + i * H, H);
       if (bias_row[i] >= 0)

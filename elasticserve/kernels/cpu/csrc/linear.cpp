@@ -20,14 +20,14 @@ constexpr int NR = 4;  // weight rows per register tile: MR * NR accumulators, N
 // halves apart) hide the FMA latency that bounds a one-row dot product
 constexpr int NR1 = 6;
 
+}  // namespace
+
 // Per-thread fp32 copy of one bf16 weight panel, reused by every x tile of a block.
 float* thread_scratch(size_t n) {
   thread_local std::vector<float> buf;
   if (buf.size() < n) buf.resize(n);
   return buf.data();
 }
-
-}  // namespace
 
 std::vector<Block> make_blocks(int64_t w_rows, const Band* bands, int nb, Flavour flavour,
                                int32_t nr) {
@@ -97,8 +97,6 @@ void run_blocks(const Mat& w, const float* x, int64_t ldx, const Band* bands, in
                 Flavour flavour, float* y, int64_t ldy, bool accumulate, const Block* blocks,
                 int64_t nblocks, float* (*scratch)(size_t), const float* xp, int64_t ldxp);
 
-namespace {
-
 // x's rows with every aligned 16 columns split into their even then odd ones: the order in
 // which 16 bf16 weights widen to fp32 in two instructions (see tile_eo).
 const float* even_odd(const float* x, int64_t ldx, int64_t rows, int64_t k, int64_t& ldxp) {
@@ -114,11 +112,11 @@ const float* even_odd(const float* x, int64_t ldx, int64_t rows, int64_t k, int6
   return buf.data();
 }
 
-}  // namespace
-
 void linear(const Mat& w, const float* x, int64_t ldx, const Band* bands, int nb,
             Flavour flavour, float* y, int64_t ldy, bool accumulate) {
   check_bands(w, bands, nb, flavour);
+  if (w.dtype == DType::BF16 && amx_active())
+    return linear_amx(w, x, ldx, bands, nb, flavour, y, ldy, accumulate);
   const int32_t rows = bands[nb - 1].row_end;
   const bool one_bf16_row = w.dtype == DType::BF16 && rows == 1;
   const std::vector<Block> blocks = make_blocks(w.rows, bands, nb, flavour, one_bf16_row ? NR1 : NR);

@@ -52,6 +52,21 @@ void check_bands(const Mat& w, const Band* bands, int nbands, Flavour flavour);
 // True when the CPU runs the kernels' instructions (AVX2, FMA, F16C).
 bool cpu_supported();
 
+// True when the CPU has AMX-BF16 (with AVX-512 BF16) and the OS grants this process the tile
+// registers: bf16 weights then run on AMX tiles (amx.cpp).
+bool amx_supported();
+
+// Allows (or, for tests of the AVX2 kernels on an AMX machine, forbids) the AMX kernels;
+// returns the previous setting.
+bool use_amx(bool allow);
+
+// amx_supported() and allowed.
+bool amx_active();
+
+// `linear` for bf16 weights on AMX tiles (callers check amx_active() and the bands).
+void linear_amx(const Mat& w, const float* x, int64_t ldx, const Band* bands, int nbands,
+                Flavour flavour, float* y, int64_t ldy, bool accumulate);
+
 inline float bf16_to_float(uint16_t v) {
   union {
     uint32_t u;

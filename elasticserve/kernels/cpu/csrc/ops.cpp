@@ -78,17 +78,31 @@ void lora_add(const float* a, const float* b, int64_t in, int64_t out, int rank,
     const float* ae = a + int64_t(experts[e]) * in * rank;
     float* te = t + e * rank;
     if (vec) {
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                       _mm256_setzero_ps()};
+      // four inputs in flight: four independent FMA chains per output vector, not one
+      constexpr int U = 4;
+      __m256 acc[U][4];
+      for (int u = 0; u < U; ++u)
+        for (int v = 0; v < 4; ++v) acc[u][v] = _mm256_setzero_ps();
       const int nv = rank / 8;
-      for (int64_t i = 0; i < k; ++i) {
+      int64_t i = 0;
+      for (; i + U <= k; i += U)
+        for (int u = 0; u < U; ++u) {
+          const __m256 xv = _mm256_set1_ps(x[i + u]);
+          const float* row = ae + (i + u) * rank;
+          for (int v = 0; v < nv; ++v)
+            acc[u][v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(row + 8 * v), acc[u][v]);
+        }
+      for (; i < k; ++i) {
         const __m256 xv = _mm256_set1_ps(x[i]);
-        const float* row = ae + i * rank;
         for (int v = 0; v < nv; ++v)
-          acc[v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(row + 8 * v), acc[v]);
+          acc[0][v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(ae + i * rank + 8 * v), acc[0][v]);
       }
       const __m256 g = _mm256_set1_ps(gain[e]);
-      for (int v = 0; v < nv; ++v) _mm256_storeu_ps(te + 8 * v, _mm256_mul_ps(acc[v], g));
+      for (int v = 0; v < nv; ++v) {
+        const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0][v], acc[1][v]),
+                                         _mm256_add_ps(acc[2][v], acc[3][v]));
+        _mm256_storeu_ps(te + 8 * v, _mm256_mul_ps(sum, g));
+      }
     } else {
       for (int j = 0; j < rank; ++j) te[j] = 0.0f;
       for (int64_t i = 0; i < k; ++i)
