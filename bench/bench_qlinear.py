@@ -2,7 +2,8 @@
 
 A decode step reads every weight once, from memory: so does this benchmark, cycling through
 `--copies` different copies of one decoder-sized matrix (more bytes than the last-level cache)
-at batch 1. Configurations are interleaved in every round; best of the rounds.
+at `--batches` rows (batch 1 by default). Configurations are interleaved in every round; best
+of the rounds.
 
     python bench/bench_qlinear.py --out bench/results/bench_qlinear.json
 """
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--batches", default="1", help="x rows, e.g. 1,8")
     parser.add_argument("--out", default="bench/results/bench_qlinear.json")
     args = parser.parse_args()
     ext = load()
@@ -39,29 +41,34 @@ def main() -> None:
     base = [torch.randn(n, k, generator=g) for _ in range(4)]
     quant = [quantize(base[i % 4]) for i in range(args.copies)]
     dense = [base[i % 4].bfloat16().clone() for i in range(args.copies)]
-    x = torch.randn(1, k, generator=g)
-    y = torch.zeros(1, n)
-    bands = torch.tensor([[1, n]], dtype=torch.int32)
 
-    def run_quant(q8: bool, threads: int) -> Callable[[], None]:
+    def run_quant(q8: bool, threads: int, batch: int) -> Callable[[], None]:
+        x, y = torch.randn(batch, k, generator=g), torch.zeros(batch, n)
+        bands = torch.tensor([[batch, n]], dtype=torch.int32)
+
         def f() -> None:
             for q in quant:
                 ext.qlinear(q.hi, q.lo, q.scale, q.minimum, x, bands, 0, y, q8, threads=threads)
 
         return f
 
-    def run_dense(threads: int) -> Callable[[], None]:
+    def run_dense(threads: int, batch: int) -> Callable[[], None]:
+        x, y = torch.randn(batch, k, generator=g), torch.zeros(batch, n)
+        bands = torch.tensor([[batch, n]], dtype=torch.int32)
+
         def f() -> None:
             for w in dense:
                 ext.linear(w, x, bands, 0, y, threads=threads)
 
         return f
 
-    configs: dict[tuple[str, int], tuple[Callable[[], None], int]] = {}
-    for threads in map(int, args.threads.split(",")):
-        configs[("bf16", threads)] = (run_dense(threads), n * k * 2)
-        configs[("q8", threads)] = (run_quant(True, threads), quant[0].nbytes("q8"))
-        configs[("q4", threads)] = (run_quant(False, threads), quant[0].nbytes("q4"))
+    configs: dict[tuple[str, int, int], tuple[Callable[[], None], int]] = {}
+    for batch in map(int, args.batches.split(",")):
+        for threads in map(int, args.threads.split(",")):
+            configs[("bf16", threads, batch)] = (run_dense(threads, batch), n * k * 2)
+            q8, q4 = run_quant(True, threads, batch), run_quant(False, threads, batch)
+            configs[("q8", threads, batch)] = (q8, quant[0].nbytes("q8"))
+            configs[("q4", threads, batch)] = (q4, quant[0].nbytes("q4"))
     best = {key: float("inf") for key in configs}
     for _ in range(args.rounds):
         for key, (f, _) in configs.items():
@@ -69,24 +76,26 @@ def main() -> None:
             f()
             best[key] = min(best[key], (time.perf_counter() - start) / args.copies)
     rows = []
-    for (kind, threads), (_, nbytes) in configs.items():
-        seconds = best[(kind, threads)]
+    for (kind, threads, batch), (_, nbytes) in configs.items():
+        seconds = best[(kind, threads, batch)]
         row = {
             "kind": kind,
             "threads": threads,
+            "batch": batch,
             "us_per_matrix": round(seconds * 1e6, 1),
             "gb_s": round(nbytes / seconds / 1e9, 2),
-            "speedup_vs_bf16": round(best[("bf16", threads)] / seconds, 3),
+            "speedup_vs_bf16": round(best[("bf16", threads, batch)] / seconds, 3),
         }
         rows.append(row)
         print(
-            f"{kind:>4} threads={threads} {row['us_per_matrix']:7.1f} us/matrix "
+            f"{kind:>4} threads={threads} batch={batch:>2} {row['us_per_matrix']:7.1f} us/matrix "
             f"{row['gb_s']:6.2f} GB/s  x{row['speedup_vs_bf16']:.2f} vs bf16"
         )
     meta = {
         "machine": cpu_model(),
         "cpu_flags": kernel_flags(),
         "vnni_kernels": bool(ext.vnni_supported()),
+        "amx_kernels": bool(ext.amx_supported()),
         "torch": torch.__version__,
         "args": vars(args),
     }

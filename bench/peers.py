@@ -198,10 +198,14 @@ class Server:
     threads: int
     slots: int = 1  # llama-server's parallel slots
     policy: str = "fixed"
+    shape: str = "full"  # what a fixed elasticserve row pins by name
 
     def describe(self) -> str:
         extra = f", {self.slots} slots" if self.kind == "llamaserver" else ""
-        extra += f", policy {self.policy}" if self.kind == "elasticserve" else ""
+        if self.kind == "elasticserve":
+            extra += f", policy {self.policy}" + (
+                f", @{self.shape}" if self.policy == "fixed" else ""
+            )
         return f"{self.dtype}, {self.threads} threads{extra}"
 
 
@@ -260,8 +264,8 @@ def start(stack: ExitStack, s: Server, slo: tuple[float, float] | None = None) -
 
 def bench_config(base: BenchConfig, s: Server, url: str) -> BenchConfig:
     """The requests `s` gets: ignore_eos where it is understood, else EOS banned by logit_bias."""
-    pinned = s.kind == "elasticserve" and s.policy == "fixed"  # the full shape, by name
-    cfg = replace(base, base_url=url, model=f"{NAME}@full" if pinned else NAME)
+    pinned = s.kind == "elasticserve" and s.policy == "fixed"  # its shape, by name
+    cfg = replace(base, base_url=url, model=f"{NAME}@{s.shape}" if pinned else NAME)
     if s.kind == "llamacpp":  # llama-cpp-python has no ignore_eos
         bias = {str(i): -100.0 for i in eos_ids()}
         return replace(cfg, ignore_eos=False, extra_body={"logit_bias": bias})
@@ -282,6 +286,34 @@ def streams_run(cfg: BenchConfig, streams: int, num: int, bodies: list[str]) -> 
         errors = sorted({r.error for r in results if r.error})
         raise RuntimeError(f"{s['failed']} of {num} requests failed at {streams} streams: {errors}")
     return s
+
+
+OFFLINE = """
+import json, sys, time
+from elasticserve import LLM, EngineConfig, SamplingParams
+dtype, shape, new, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+texts = json.load(open(path))
+llm = LLM(dtype=dtype, engine_config=EngineConfig(max_num_seqs=len(texts)))
+warm = ["(warm-up) " + t for t in texts]  # another first token: no prefix-cache hit later
+llm.generate(warm, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), shape=shape)
+params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+t = time.perf_counter()
+outs = llm.generate(texts, params, shape=shape)
+elapsed = time.perf_counter() - t
+print(json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "s": elapsed}))
+"""
+
+
+def offline_tok_s(dtype: str, shape: str, texts: list[str], new: int) -> float:
+    """The offline engine (`LLM.generate`, a fresh process) on `texts` at once, at `shape`:
+    output tokens/s, prefill included, as the server's closed loop counts them."""
+    PEERS.mkdir(exist_ok=True)
+    path = PEERS / "offline-prompts.json"
+    path.write_text(json.dumps(texts))
+    cmd = [sys.executable, "-c", OFFLINE, dtype, shape, str(new), str(path)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    return got["tokens"] / got["s"]
 
 
 def cpu_info() -> dict[str, Any]:
@@ -404,7 +436,13 @@ def compare(args: argparse.Namespace) -> None:
     profile = ensure_profile(dtypes["elasticserve"], not args.no_profile)
 
     ours = Server("elasticserve", "elasticserve", dtypes["elasticserve"], threads)
-    servers = [ours]
+    # more fixed shapes of the same server (one process), each pinned by name
+    pins = [
+        Server(f"elasticserve@{shape}", "elasticserve", ours.dtype, threads, shape=shape)
+        for shape in args.shapes.split(",")
+        if shape and shape != "full"
+    ]
+    servers = [ours, *pins]
     errors: dict[str, str] = {}
     for kind in kinds:
         if not installed(kind):
@@ -416,10 +454,15 @@ def compare(args: argparse.Namespace) -> None:
     with ExitStack() as stack:
         urls: dict[str, str] = {}
         for s in servers:
+            if s in pins:
+                continue
             try:
                 urls[s.name] = start(stack, s)
             except RuntimeError as exc:
                 errors[s.name] = f"{exc}; see {log_path(s)}"
+        for s in pins:
+            if ours.name in urls:
+                urls[s.name] = urls[ours.name]
         if ours.name not in urls:
             raise SystemExit(f"elasticserve did not start: {errors[ours.name]}")
         servers = [s for s in servers if s.name in urls]
@@ -429,8 +472,14 @@ def compare(args: argparse.Namespace) -> None:
             streams_run(cfgs[s.name], 1, 1, bodies)  # warm-up: first-request costs are not served
 
         singles = []
+        texts = with_unique_prefixes(bodies[:8])  # what the offline engine answers at batch 8
         for i in range(args.rounds):
             print(f"throughput round {i + 1} of {args.rounds}", flush=True)
+            for s in [ours, *pins] if args.offline else []:
+                got_offline = offline_tok_s(s.dtype, s.shape, texts, args.output_len)
+                row = rows[s.name]
+                row["offline_tok_s_8"] = max(row.get("offline_tok_s_8", 0.0), got_offline)
+                print(f"  {s.name}: offline engine, batch 8: {got_offline:.1f} tok/s")
             for s in servers:
                 for streams, num in ((1, args.batch1_prompts), (8, args.batch8_prompts)):
                     got = streams_run(cfgs[s.name], streams, num, bodies)
@@ -589,6 +638,16 @@ def table(meta: dict[str, Any], rows: dict[str, dict[str, Any]], args: Any) -> s
         )
     for name, error in meta["errors"].items():
         lines.append(f"| {name} | failed: {error} | | | | | | | | | |")
+    offline = [r for r in rows.values() if r.get("offline_tok_s_8") and r.get("tok_s_8")]
+    if offline:
+        lines.append("")
+    for r in offline:
+        lines.append(
+            f"{r['server']}: the server's 8 streams {_tok(r['tok_s_8'])} tok/s = "
+            f"{r['tok_s_8'] / r['offline_tok_s_8']:.0%} of the offline engine's batch 8 "
+            f"({_tok(r['offline_tok_s_8'])} tok/s, `LLM.generate` of 8 of the prompts at once, "
+            "best of the rounds)."
+        )
     llama = [r for k, r in rows.items() if k in ("llamacpp", "llamaserver") and "capacity" in r]
     if llama:
         best = max(llama, key=lambda r: (r["capacity"]["capacity_rps"] or 0, r.get("tok_s_8", 0)))
@@ -609,6 +668,15 @@ def main() -> None:
     inst.add_argument("peer", choices=KINDS)
     cmp = sub.add_parser("compare", help="measure elasticserve and the installed peers")
     cmp.add_argument("--peers", default=",".join(KINDS))
+    cmp.add_argument(
+        "--shapes", default="full", help="elasticserve's fixed rows, e.g. full,full-q4 (one server)"
+    )
+    cmp.add_argument(
+        "--no-offline",
+        dest="offline",
+        action="store_false",
+        help="skip the offline engine's batch-8 rate beside each fixed elasticserve row",
+    )
     cmp.add_argument("--input-len", type=int, default=128)
     cmp.add_argument("--output-len", type=int, default=128)
     cmp.add_argument("--batch1-prompts", type=int, default=4)
