@@ -42,11 +42,12 @@ def main() -> None:
     quant = [quantize(base[i % 4]) for i in range(args.copies)]
     dense = [base[i % 4].bfloat16().clone() for i in range(args.copies)]
 
-    def run_quant(q8: bool, threads: int, batch: int) -> Callable[[], None]:
+    def run_quant(q8: bool, threads: int, batch: int, amx: bool = True) -> Callable[[], None]:
         x, y = torch.randn(batch, k, generator=g), torch.zeros(batch, n)
         bands = torch.tensor([[batch, n]], dtype=torch.int32)
 
         def f() -> None:
+            ext.use_amx(amx)  # the AMX int8 tiles (steps of 4+ rows) or the VNNI code
             for q in quant:
                 ext.qlinear(q.hi, q.lo, q.scale, q.minimum, x, bands, 0, y, q8, threads=threads)
 
@@ -57,6 +58,7 @@ def main() -> None:
         bands = torch.tensor([[batch, n]], dtype=torch.int32)
 
         def f() -> None:
+            ext.use_amx(True)  # bf16 on AMX tiles where the CPU has them
             for w in dense:
                 ext.linear(w, x, bands, 0, y, threads=threads)
 
@@ -69,6 +71,10 @@ def main() -> None:
             q8, q4 = run_quant(True, threads, batch), run_quant(False, threads, batch)
             configs[("q8", threads, batch)] = (q8, quant[0].nbytes("q8"))
             configs[("q4", threads, batch)] = (q4, quant[0].nbytes("q4"))
+            if ext.amx_int8_supported():  # the same kernels without the int8 tiles
+                q8, q4 = (run_quant(p == "q8", threads, batch, amx=False) for p in ("q8", "q4"))
+                configs[("q8-vnni", threads, batch)] = (q8, quant[0].nbytes("q8"))
+                configs[("q4-vnni", threads, batch)] = (q4, quant[0].nbytes("q4"))
     best = {key: float("inf") for key in configs}
     for _ in range(args.rounds):
         for key, (f, _) in configs.items():
@@ -88,7 +94,7 @@ def main() -> None:
         }
         rows.append(row)
         print(
-            f"{kind:>4} threads={threads} batch={batch:>2} {row['us_per_matrix']:7.1f} us/matrix "
+            f"{kind:>7} threads={threads} batch={batch:>2} {row['us_per_matrix']:7.1f} us/matrix "
             f"{row['gb_s']:6.2f} GB/s  x{row['speedup_vs_bf16']:.2f} vs bf16"
         )
     meta = {

@@ -81,12 +81,15 @@ def _prompts(bundle, n):
 
 
 def test_mixed_precision_batch_equals_each_request_alone(qbundle):
+    """Same greedy tokens, logits within fp32 rounding: on CPUs with AMX int8 a run of 6 rows or
+    more of one precision sums its groups on tiles, fewer rows on VNNI, in another order."""
     prompts = _prompts(qbundle, len(MIXED))
     together = _run(qbundle, MIXED, prompts)
     for i, name in enumerate(MIXED):
         alone = _run(qbundle, [name], [prompts[i]])
         for step_all, step_one in zip(together, alone, strict=True):
-            torch.testing.assert_close(step_all[i], step_one[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step_all[i], step_one[0], rtol=1e-5, atol=3e-4)
+            assert torch.equal(step_all[i].argmax(-1), step_one[0].argmax(-1))
 
 
 def test_quantized_shapes_take_their_dense_siblings_adapter(qbundle):

@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-SOURCES = ("linear.cpp", "amx.cpp", "qlinear.cpp", "ops.cpp", "forward.cpp", "bindings.cpp")
+SOURCES = (
+    "linear.cpp",
+    "amx.cpp",
+    "qlinear.cpp",
+    "qamx.cpp",
+    "ops.cpp",
+    "forward.cpp",
+    "bindings.cpp",
+)
 HEADERS = ("linear.h", "qlinear.h", "ops.h", "forward.h", "simd.h")
 CSRC = Path(__file__).parent / "csrc"
 FLAGS = ("-O3", "-fopenmp", "-fno-math-errno")

@@ -41,21 +41,30 @@ CASES = [  # (N, K, bands, flavour)
     (64, 576, [[2, 64], [4, 40], [7, 8]], OUT),  # three widths in one pass
     (10, 96, [[3, 96]], IN),
     (24, 320, [[1, 320], [4, 128], [6, 32]], IN),  # prefixes of 10, 4 and 1 groups
+    # AMX: two x tiles (20 rows), 16-row weight blocks and a tail, mixed prefixes
+    (53, 1536, [[20, 53]], OUT),
+    (40, 1536, [[3, 1536], [9, 768], [18, 64]], IN),
+    (32, 576, [[4, 32], [17, 16]], OUT),  # the narrow band is one whole tile of weight rows
 ]
 
 
-ISAS = ["vnni", "avx2"]
+ISAS = ["amx", "vnni", "avx2"]
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    """The AVX-512 VNNI kernels where the CPU has them, and the AVX2 ones everywhere."""
+    """The AMX int8 tiles and the AVX-512 VNNI kernels where the CPU has them, the AVX2 ones
+    everywhere (AMX takes steps of QAMX_MIN_ROWS rows and more)."""
     ext = build.load()
-    if request.param == "vnni" and not ext.vnni_supported():
+    if request.param == "amx" and not ext.amx_int8_supported():
+        pytest.skip("this CPU has no AMX int8 tiles")
+    if request.param in ("amx", "vnni") and not ext.vnni_supported():
         pytest.skip("this CPU has no AVX-512 VNNI")
-    before = ext.use_vnni(request.param == "vnni")
+    vnni = ext.use_vnni(request.param != "avx2")
+    amx = ext.use_amx(request.param == "amx")
     yield request.param
-    ext.use_vnni(before)
+    ext.use_vnni(vnni)
+    ext.use_amx(amx)
 
 
 @pytest.mark.parametrize("precision", ["q8", "q4"])
@@ -66,7 +75,8 @@ def test_simd_equals_scalar_reference(case, precision, isa):
     q = quantize(torch.randn(n, k, generator=g))
     x = torch.randn(bands[-1][0], k, generator=g)
     got, want = run(q, x, bands, flavour, precision), run(q, x, bands, flavour, precision, False)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    # fp32 sums of up to 48 scaled group dots against the reference's double ones
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("precision", ["q8", "q4"])
@@ -81,11 +91,12 @@ def test_matches_the_dequantized_weights(precision, isa):
         assert ((got - want).norm() / want.norm()).item() < 0.02
 
 
-def test_q4_reads_both_planes_when_told_and_q8_without_a_residual_is_q4(isa):
+@pytest.mark.parametrize("rows", [2, 6])
+def test_q4_reads_both_planes_when_told_and_q8_without_a_residual_is_q4(isa, rows):
     g = torch.Generator().manual_seed(4)
     q = quantize(torch.randn(16, 128, generator=g))
-    x = torch.randn(2, 128, generator=g)
-    bands = [[2, 16]]
+    x = torch.randn(rows, 128, generator=g)
+    bands = [[rows, 16]]
     q8 = run(q, x, bands, OUT, "q8")
     assert torch.equal(run(q, x, bands, OUT, "q4", q4_reads_lo=True), q8)
     assert torch.equal(run(q, x, bands, OUT, "q8", lo=False), run(q, x, bands, OUT, "q4"))

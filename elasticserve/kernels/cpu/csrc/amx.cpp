@@ -42,12 +42,6 @@ constexpr int32_t REST_ROWS = 4;     // weight rows per AVX2 block (linear.cpp's
 
 std::atomic<bool> amx_allowed{true};
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // tmm0: A (16 weight rows x 32 bf16); tmm1, tmm2: B (two x tiles); tmm4, tmm5: C (fp32)
 TileConfig tile_config() {
   TileConfig c;
@@ -62,6 +56,14 @@ bool cpu_has_amx_bf16() {
   if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
   const bool avx512_bf16 = (a >> 5) & 1;
   return tiles && bf16_tiles && avx512f && avx512_bf16;
+}
+
+bool cpu_has_amx_int8() {  // with the AVX-512 VNNI the quantized kernels' other code uses
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tiles = (d >> 24) & 1, int8_tiles = (d >> 25) & 1, avx512f = (b >> 16) & 1;
+  const bool avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1, vnni = (c >> 11) & 1;
+  return tiles && int8_tiles && avx512f && avx512bw && avx512vl && vnni;
 }
 
 bool request_tile_state() {  // Linux gives a process the tile registers on request only
@@ -94,6 +96,13 @@ bool amx_supported() {
 bool use_amx(bool allow) { return amx_allowed.exchange(allow); }
 
 bool amx_active() { return amx_allowed && amx_supported(); }
+
+bool amx_int8_supported() {
+  static const bool yes = cpu_has_amx_int8() && request_tile_state();
+  return yes;
+}
+
+bool amx_int8_active() { return amx_allowed && amx_int8_supported(); }
 
 void linear_amx(const Mat& w, const float* x, int64_t ldx, const Band* bands, int nb,
                 Flavour flavour, float* y, int64_t ldy, bool accumulate) {

@@ -366,7 +366,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("allow"));
   mod.def("amx_supported", &es::amx_supported,
           "AMX-BF16 present and granted (the bf16 linears use it)");
-  mod.def("use_amx", &es::use_amx, "allow the AMX bf16 kernels (tests); returns the old value",
+  mod.def("amx_int8_supported", &es::amx_int8_supported,
+          "AMX-INT8 present and granted (the q8/q4 linears of several rows use it)");
+  mod.def("use_amx", &es::use_amx, "allow the AMX kernels (tests); returns the old value",
           pybind11::arg("allow"));
   mod.def("read", &read_probe, "sum of a float32 tensor (read-bandwidth probe)", pybind11::arg("x"),
           pybind11::arg("threads") = 0);

@@ -63,6 +63,18 @@ bool use_amx(bool allow);
 // amx_supported() and allowed.
 bool amx_active();
 
+// True when the CPU has AMX int8 tiles (and the kernel grants them): the q8/q4 linears of
+// several rows then run tiles; amx_int8_active() adds use_amx's permission.
+bool amx_int8_supported();
+bool amx_int8_active();
+
+// The AMX tile configuration (palette 1) the tile kernels load.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
 // `linear` for bf16 weights on AMX tiles (callers check amx_active() and the bands).
 void linear_amx(const Mat& w, const float* x, int64_t ldx, const Band* bands, int nbands,
                 Flavour flavour, float* y, int64_t ldy, bool accumulate);

@@ -141,10 +141,12 @@ bool use_vnni(bool allow) { return vnni_allowed.exchange(allow); }
 void qlinear(const QMat& w, bool q8, const QuantX& x, const Band* bands, int nb, Flavour flavour,
              float* y, int64_t ldy, bool accumulate) {
   check_qbands(w, x, bands, nb, flavour);
+  const bool lo = reads_lo(w, q8);
+  if (bands[nb - 1].row_end >= QAMX_MIN_ROWS && amx_int8_active() && !omp_in_parallel())
+    return qlinear_amx(w, lo, x, bands, nb, flavour, y, ldy, accumulate);
   const std::vector<Block> blocks = make_blocks(w.rows, bands, nb, flavour, QN);
   const int64_t n = int64_t(blocks.size());
   if (n == 0) return;
-  const bool lo = reads_lo(w, q8);
   const auto run = vnni_supported() && vnni_allowed ? run_qblocks_vnni : run_qblocks;
   if (omp_in_parallel()) {
     run(w, lo, x, bands, nb, flavour, y, ldy, accumulate, blocks.data(), n);

@@ -62,6 +62,14 @@ bool vnni_supported();
 // returns the previous setting.
 bool use_vnni(bool allow);
 
+// Steps of at least this many rows run the q8/q4 linears on AMX int8 tiles where present.
+constexpr int32_t QAMX_MIN_ROWS = 6;
+
+// `qlinear` on AMX int8 tiles (callers check amx_int8_active() and the bands); `lo`: the rows
+// read both planes.
+void qlinear_amx(const QMat& w, bool lo, const QuantX& x, const Band* bands, int nbands,
+                 Flavour flavour, float* y, int64_t ldy, bool accumulate);
+
 // Validates bands against a quantized weight and its quantized x (std::invalid_argument).
 void check_qbands(const QMat& w, const QuantX& x, const Band* bands, int nbands, Flavour flavour);
 
