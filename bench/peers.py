@@ -202,6 +202,7 @@ class Server:
 
     def describe(self) -> str:
         extra = f", {self.slots} slots" if self.kind == "llamaserver" else ""
+        extra += ", --no-repack" if self.kind == "llamaserver" and no_repack() else ""
         if self.kind == "elasticserve":
             extra += f", policy {self.policy}" + (
                 f", @{self.shape}" if self.policy == "fixed" else ""
@@ -232,6 +233,8 @@ def server_cmd(
     if s.kind == "llamaserver":
         cmd = [str(llama_server_bin()), "-m", str(default_gguf()), "--alias", NAME, *host]
         cmd += ["-t", str(s.threads), "-tb", str(s.threads), "-np", str(s.slots)]
+        if no_repack():
+            cmd.append("--no-repack")
         # 2048 tokens of context per slot; continuous batching is llama-server's default
         return [*cmd, "-c", str(2048 * s.slots), "--cont-batching"], env
     if s.kind == "vllm":
@@ -245,6 +248,16 @@ def server_cmd(
         cmd += ["--served-model-name", NAME, "--dtype", s.dtype]
         return [*cmd, "--max-model-len", "2048"], env
     raise ValueError(f"unknown peer {s.kind!r}")
+
+
+def no_repack() -> bool:
+    """llama.cpp 0c1e570's AMX matmul (its repacked Q4_1 weights) dies with SIGILL on a tile
+    instruction run by a worker thread (seen on a Sapphire Rapids VM, the `tilezero` of
+    tinygemm_kernel_amx): on CPUs with AMX int8 llama-server runs without repacking, its
+    AVX-512 dot products (what it runs on every other x86 CPU for this file)."""
+    from elasticserve.model.device import cpu_flags
+
+    return "amx_int8" in cpu_flags()
 
 
 def log_path(s: Server) -> Path:
