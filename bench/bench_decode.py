@@ -11,7 +11,8 @@ bytes predict.
                                  [--batches 1,8] [--quick]
 
 `--kernels native-avx2` is the native step with its AMX bf16 tiles turned off (the AVX2 kernels),
-so an AMX CPU measures both in the same rounds.
+so an AMX CPU measures both in the same rounds; `native-nodnn` keeps a prefill's dense linears on
+the native kernels instead of oneDNN (the prefill column shows what oneDNN gains).
 
 Each dtype runs on both CPU paths (the native kernels and torch ops) in the same rounds; a batch
 at least as large as the picked shapes also runs mixed (one shape per row, round robin), reported
@@ -31,6 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from elasticserve import LLM, SamplingParams
+from elasticserve.engine.llm_engine import EngineConfig
 from elasticserve.model.bundle import ModelBundle
 from elasticserve.model.device import cpu_model, kernel_flags
 from elasticserve.model.shapes import ShapeSpec
@@ -100,7 +102,7 @@ def decode_seconds(
 
 
 def ours(
-    llm: LLM, batch: list[list[int]], shape: str | list[str], amx: bool = True
+    llm: LLM, batch: list[list[int]], shape: str | list[str], amx: bool = True, dnn: bool = True
 ) -> Callable[[int], object]:
     from elasticserve.kernels.cpu import load
 
@@ -108,6 +110,7 @@ def ours(
 
     def run(n: int) -> object:
         before = ext.use_amx(amx) if ext is not None else None
+        before_dnn = ext.use_onednn(dnn) if ext is not None else None
         try:
             return llm.generate(
                 batch, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), shape=shape
@@ -115,6 +118,7 @@ def ours(
         finally:
             if ext is not None:
                 ext.use_amx(before)
+                ext.use_onednn(before_dnn)
 
     return run
 
@@ -168,7 +172,14 @@ def main() -> None:
     bandwidths = [measure_bandwidth()]
     for dtype in args.dtypes.split(","):
         llms = {
-            k: LLM(args.model, args.pack, dtype=dtype, cpu_kernels=k.removesuffix("-avx2"))
+            k: LLM(
+                args.model,
+                args.pack,
+                dtype=dtype,
+                cpu_kernels=k.split("-")[0],
+                # every repeat prefills the whole prompt (a cache hit would time its last block)
+                engine_config=EngineConfig(enable_prefix_caching=False),
+            )
             for k in args.kernels.split(",")
         }
         first = next(iter(llms.values()))
@@ -181,12 +192,15 @@ def main() -> None:
             batch = prompts(first.tokenizer, b, args.prompt_len)
             runs = {"HF": hf_generate(hf, batch)}
             for kernels, llm in llms.items():
-                amx = not kernels.endswith("-avx2")
+                amx, dnn = not kernels.endswith("-avx2"), not kernels.endswith("-nodnn")
                 runs.update(
-                    {f"{kernels} {spec.name}": ours(llm, batch, spec.name, amx) for spec in shapes}
+                    {
+                        f"{kernels} {spec.name}": ours(llm, batch, spec.name, amx, dnn)
+                        for spec in shapes
+                    }
                 )
                 if b >= len(shapes):  # a mixed batch: one of each picked shape, round robin
-                    runs[f"{kernels} mixed"] = ours(llm, batch, mixed[:b], amx)
+                    runs[f"{kernels} mixed"] = ours(llm, batch, mixed[:b], amx, dnn)
             seconds, prefill = decode_seconds(runs, args.new_tokens, args.repeats)
             bandwidths.append(measure_bandwidth())
             bandwidth = max(bandwidths)

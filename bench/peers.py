@@ -536,7 +536,10 @@ def compare(args: argparse.Namespace) -> None:
         for s in servers:
             first = args.start_fraction * rows[ours.name if s is ours_slo else s.name]["req_s_8"]
             searches[s.name] = CapacitySearch(
-                start=first, tolerance=args.tolerance, confirm=args.confirm, floor=first / 10
+                start=first,
+                tolerance=args.tolerance,
+                confirm=args.confirm,
+                floor=first * args.floor_fraction,
             )
         seed = 100
         while pending := [s for s in servers if searches[s.name].next_rate() is not None]:
@@ -641,10 +644,13 @@ def table(meta: dict[str, Any], rows: dict[str, dict[str, Any]], args: Any) -> s
         ratio = f"{ours / theirs:.2f}x" if ours and theirs else "-"
         over = r.get("overload") or {}
         flag = "" if cap.get("converged") else " (not converged)"
+        held = _rate(theirs) + flag
+        if cap and theirs is None and cap.get("lowest_failing_rps"):
+            held = f"< {_rate(cap['lowest_failing_rps'])} (failed down to the floor)"
         at_capacity = _rate(capacity_goodput(cap) if cap else None)
         lines.append(
             f"| {r['server']} | {r['config']} | {_tok(r.get('tok_s_1'))} | "
-            f"{_tok(r.get('tok_s_8'))} | {_rate(theirs)}{flag} | "
+            f"{_tok(r.get('tok_s_8'))} | {held} | "
             f"{_rate(cap.get('lowest_failing_rps'))} | {at_capacity} | {ratio} | "
             f"{_rate(over.get('goodput'))} | "
             f"{_pct(over.get('slo_attainment_pct'))} | {_lengths(r)} |"
@@ -715,6 +721,12 @@ def main() -> None:
     cmp.add_argument("--tolerance", type=float, default=0.1, help="capacity bracket width")
     cmp.add_argument("--confirm", type=int, default=1, help="reruns of each bracket end")
     cmp.add_argument("--start-fraction", type=float, default=0.6, help="x 8-stream req/s")
+    cmp.add_argument(
+        "--floor-fraction",
+        type=float,
+        default=0.1,
+        help="a search failing at every rate gives up below this x its start",
+    )
     cmp.add_argument("--overload", type=float, default=2.0, help="x our capacity; 0: skip")
     cmp.add_argument("--data", default=str(ROOT.parent / "shared" / "corpus" / "austen"))
     cmp.add_argument("--out", default=str(ROOT / "bench" / "results"), help="for peers.json/md")

@@ -14,6 +14,7 @@ from elasticserve.engine.sampling import SamplingParams
 from elasticserve.kernels.cpu import build
 from elasticserve.model.adapters import LoraConfig, LoraExperts, effective_weights
 from elasticserve.model.bundle import load_bundle
+from elasticserve.model.device import cpu_has_native_bf16
 from elasticserve.model.step_plan import BlockPool, SeqChunk, build_step
 
 from ..helpers import random_pack
@@ -98,9 +99,27 @@ def test_mixed_prefill_and_decode_match_torch(bundle, lora):
     assert torch.allclose(caches[0][used], caches[1][used], atol=1e-5)
 
 
-def test_long_contexts_match_torch(bundle):
+@contextlib.contextmanager
+def onednn(allow: bool):
+    """The native step with (or without) oneDNN for the dense linears of prefill-sized steps."""
+    ext = build.load()
+    before = ext.use_onednn(allow)
+    try:
+        yield
+    finally:
+        ext.use_onednn(before)
+
+
+@pytest.mark.parametrize("dnn", [True, False], ids=["onednn", "kernels"])
+def test_long_contexts_match_torch(bundle, dnn):
     """Contexts past one 64-key pass of the tiled attention (its online softmax rescales), a
-    prefill chunk over a long cached prefix, and decodes over it, at two shapes in one step."""
+    prefill chunk over a long cached prefix, and decodes over it, at two shapes in one step; the
+    prefill steps' 100+ rows run their linears on oneDNN (both widths' bands) or the kernels."""
+    with onednn(dnn):
+        _long_contexts(bundle)
+
+
+def _long_contexts(bundle):
     cfg = bundle.config
     caches = [kv_cache.allocate(cfg, 1024, BLOCK, torch.float32, torch.device("cpu")) for _ in "ab"]
     g = torch.Generator().manual_seed(1)
@@ -159,12 +178,40 @@ def test_amx_tiles_match_the_avx2_step_in_bf16(tiny_llama_dir, lora):
         cache = kv_cache.allocate(cfg, 512, BLOCK, torch.float32, torch.device("cpu"))
         before = ext.use_amx(amx)
         try:
-            with adapters(bundle, lora):
+            with adapters(bundle, lora), onednn(False):  # 70 rows: a prefill-sized step
                 logits[amx], _ = bundle.native.forward(chunks, cache, BLOCK)
         finally:
             ext.use_amx(before)
     scale = logits[False].abs().max().item()
     assert (logits[True] - logits[False]).abs().max().item() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_onednn_prefill_matches_the_kernels_in_bf16(tiny_llama_dir, lora):
+    """A prefill-sized bf16 step of five shapes: oneDNN's linears (bf16 activations, as the torch
+    path) against the native kernels (fp32 activations), within bf16 rounding."""
+    if not cpu_has_native_bf16():
+        pytest.skip("bf16 weights stay on the native kernels without native bf16")
+    base = load_bundle(tiny_llama_dir, dtype="float32", cpu_kernels="torch")
+    bundle = load_bundle(tiny_llama_dir, pack=random_pack(base.pack, seed=5), dtype="bfloat16")
+    cfg = bundle.config
+    g = torch.Generator().manual_seed(2)
+    lengths = [40, 1, 17, 9, 3]  # 70 rows, every band of the five widths non-empty
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    specs = [bundle.spec(s) for s in SHAPES]
+    pool = BlockPool(BLOCK)
+    tables = [pool.table(s, n) for s, n in zip(specs, lengths, strict=True)]
+    chunks = [SeqChunk(s, p, 0, t, "all") for s, p, t in zip(specs, prompts, tables, strict=True)]
+    logits = {}
+    for dnn in (True, False):
+        cache = kv_cache.allocate(cfg, 512, BLOCK, torch.float32, torch.device("cpu"))
+        with adapters(bundle, lora), onednn(dnn):
+            logits[dnn], _ = bundle.native.forward(chunks, cache, BLOCK)
+    scale = logits[False].abs().max().item()
+    err = (logits[True] - logits[False]).abs().max().item()
+    assert 0 < err <= 1e-2 * scale  # 0 would mean oneDNN never ran (seen: 4e-3)
+    agree = (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean().item()
+    assert agree >= 0.9  # a random tiny model has near ties (seen: 97-99 %)
 
 
 def test_engine_greedy_tokens_equal_torch_path(tiny_llama_dir, tokenizer):

@@ -14,6 +14,7 @@ SOURCES = (
     "amx.cpp",
     "qlinear.cpp",
     "qamx.cpp",
+    "onednn.cpp",
     "ops.cpp",
     "forward.cpp",
     "bindings.cpp",

@@ -370,6 +370,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "AMX-INT8 present and granted (the q8/q4 linears of several rows use it)");
   mod.def("use_amx", &es::use_amx, "allow the AMX kernels (tests); returns the old value",
           pybind11::arg("allow"));
+  mod.def("use_onednn", &es::use_onednn,
+          "allow oneDNN for the dense linears of prefill-sized steps (tests, benchmarks); returns "
+          "the old value",
+          pybind11::arg("allow"));
   mod.def("read", &read_probe, "sum of a float32 tensor (read-bandwidth probe)", pybind11::arg("x"),
           pybind11::arg("threads") = 0);
   pybind11::class_<NativeModel>(mod, "NativeModel")

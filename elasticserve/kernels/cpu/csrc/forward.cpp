@@ -81,8 +81,10 @@ void run_linear(const Run& run, const Mat& dense, const QMat& quant, const float
                 bool accumulate, QuantX& qx, bool quantized) {
   const float* xr = x + int64_t(run.start) * ldx;
   float* yr = y + int64_t(run.start) * ldy;
-  if (run.precision == Precision::DENSE)
-    return linear(dense, xr, ldx, bands.data(), int(bands.size()), flavour, yr, ldy, accumulate);
+  if (run.precision == Precision::DENSE) {
+    const auto kernel = onednn_wins(dense, run.end - run.start) ? linear_onednn : linear;
+    return kernel(dense, xr, ldx, bands.data(), int(bands.size()), flavour, yr, ldy, accumulate);
+  }
   if (!quantized) quantize_x(xr, ldx, run.end - run.start, k / QGROUP, qx);
   qlinear(quant, run.precision == Precision::Q8, qx, bands.data(), int(bands.size()), flavour, yr,
           ldy, accumulate);
@@ -318,7 +320,8 @@ void Forward::run(const Step& s, float* logits, int threads) {
     while (i1 < s.num_logits && (p(i1) == Precision::DENSE) == dense) ++i1;
     const Band rows{int32_t(i1 - i0), int32_t(m.vocab)};
     if (dense) {
-      linear(m.head, h_.data() + i0 * H, H, &rows, 1, Flavour::OUT_PREFIX, logits + i0 * m.vocab,
+      const auto kernel = onednn_wins(m.head, rows.row_end) ? linear_onednn : linear;
+      kernel(m.head, h_.data() + i0 * H, H, &rows, 1, Flavour::OUT_PREFIX, logits + i0 * m.vocab,
              m.vocab, false);
     } else {
       quantize_x(h_.data() + i0 * H, H, i1 - i0, H / QGROUP, qx_);

@@ -68,6 +68,20 @@ bool amx_active();
 bool amx_int8_supported();
 bool amx_int8_active();
 
+// Steps of this many rows or more (prefill chunks) run their dense linears on oneDNN
+// (onednn.cpp): compute-bound there, its blocked GEMM beats the decode kernels.
+constexpr int32_t ONEDNN_MIN_ROWS = 48;
+
+// True when a step of `rows` rows should run `w` on oneDNN: enough rows, fp32 weights or bf16
+// ones on a CPU with native bf16, and allowed (use_onednn; tests and benchmarks turn it off).
+bool onednn_wins(const Mat& w, int32_t rows);
+bool use_onednn(bool allow);  // returns the previous setting
+
+// `linear` on oneDNN (at::linear per band, on views of the one weight); bf16 weights take bf16
+// activations there, as the torch path.
+void linear_onednn(const Mat& w, const float* x, int64_t ldx, const Band* bands, int nbands,
+                   Flavour flavour, float* y, int64_t ldy, bool accumulate);
+
 // The AMX tile configuration (palette 1) the tile kernels load.
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
