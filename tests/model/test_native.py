@@ -157,22 +157,30 @@ def test_bad_indices_are_refused(bundle):
         bundle.native.forward([SeqChunk(spec, [cfg.vocab_size], 0, table)], cache, BLOCK)
 
 
+def bf16_prefill_step(model_dir, seed: int):
+    """A bf16 bundle with a random pack and one 70-row step of the five shapes' prompts (more
+    rows than an x tile and than oneDNN's threshold, fewer, a decode; every band non-empty)."""
+    base = load_bundle(model_dir, dtype="float32", cpu_kernels="torch")
+    bundle = load_bundle(model_dir, pack=random_pack(base.pack, seed=5), dtype="bfloat16")
+    g = torch.Generator().manual_seed(seed)
+    lengths = [40, 1, 17, 9, 3]
+    vocab = bundle.config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    specs = [bundle.spec(s) for s in SHAPES]
+    pool = BlockPool(BLOCK)
+    tables = [pool.table(s, n) for s, n in zip(specs, lengths, strict=True)]
+    chunks = [SeqChunk(s, p, 0, t, "all") for s, p, t in zip(specs, prompts, tables, strict=True)]
+    return bundle, chunks
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
 def test_amx_tiles_match_the_avx2_step_in_bf16(tiny_llama_dir, lora):
     """bf16 weights on AMX tiles (x as two bf16 halves) against the AVX2 kernels (fp32 x)."""
     ext = build.load()
     if not ext.amx_supported():
         pytest.skip("this CPU has no AMX-BF16")
-    base = load_bundle(tiny_llama_dir, dtype="float32", cpu_kernels="torch")
-    bundle = load_bundle(tiny_llama_dir, pack=random_pack(base.pack, seed=5), dtype="bfloat16")
+    bundle, chunks = bf16_prefill_step(tiny_llama_dir, seed=1)
     cfg = bundle.config
-    g = torch.Generator().manual_seed(1)
-    lengths = [40, 1, 17, 9, 3]  # more rows than an x tile, fewer, a decode
-    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
-    specs = [bundle.spec(s) for s in SHAPES]
-    pool = BlockPool(BLOCK)
-    tables = [pool.table(s, n) for s, n in zip(specs, lengths, strict=True)]
-    chunks = [SeqChunk(s, p, 0, t, "all") for s, p, t in zip(specs, prompts, tables, strict=True)]
     logits = {}
     for amx in (True, False):
         cache = kv_cache.allocate(cfg, 512, BLOCK, torch.float32, torch.device("cpu"))
@@ -192,16 +200,8 @@ def test_onednn_prefill_matches_the_kernels_in_bf16(tiny_llama_dir, lora):
     path) against the native kernels (fp32 activations), within bf16 rounding."""
     if not cpu_has_native_bf16():
         pytest.skip("bf16 weights stay on the native kernels without native bf16")
-    base = load_bundle(tiny_llama_dir, dtype="float32", cpu_kernels="torch")
-    bundle = load_bundle(tiny_llama_dir, pack=random_pack(base.pack, seed=5), dtype="bfloat16")
+    bundle, chunks = bf16_prefill_step(tiny_llama_dir, seed=2)
     cfg = bundle.config
-    g = torch.Generator().manual_seed(2)
-    lengths = [40, 1, 17, 9, 3]  # 70 rows, every band of the five widths non-empty
-    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
-    specs = [bundle.spec(s) for s in SHAPES]
-    pool = BlockPool(BLOCK)
-    tables = [pool.table(s, n) for s, n in zip(specs, lengths, strict=True)]
-    chunks = [SeqChunk(s, p, 0, t, "all") for s, p, t in zip(specs, prompts, tables, strict=True)]
     logits = {}
     for dnn in (True, False):
         cache = kv_cache.allocate(cfg, 512, BLOCK, torch.float32, torch.device("cpu"))
