@@ -2,7 +2,7 @@
 //
 // The native kernels are built for decode: few rows, each weight byte read once. A prefill step
 // of hundreds of rows is compute-bound instead, and there oneDNN's blocked GEMM wins by 4-5x on
-// an AMX CPU (bench/bench_cpu_ops.py --prefill). Each band is one `at::linear` on views of the
+// an AMX CPU (the whole prefill: bench/bench_decode.py --kernels native,native-nodnn). Each band is one `at::linear` on views of the
 // same weight (output prefix: its first rows; input prefix: its first columns), so the single
 // copy of the weights stays as it is. bf16 weights take bf16 activations, as the torch path
 // does; they go to oneDNN only where the CPU computes bf16 natively (AVX512-BF16), else the
@@ -41,12 +41,12 @@ void linear_onednn(const Mat& w, const float* x, int64_t ldx, const Band* bands,
   const auto dtype = w.dtype == DType::BF16 ? at::kBFloat16 : at::kFloat;
   const at::Tensor weight = at::from_blob(const_cast<void*>(w.data), {w.rows, w.cols},
                                           {w.ld, 1}, at::TensorOptions().dtype(dtype));
+  const bool out_prefix = flavour == Flavour::OUT_PREFIX;
   int32_t r0 = 0;
   for (int b = 0; b < nb; ++b) {
     const int32_t r1 = bands[b].row_end;
     const int64_t rows = r1 - r0, width = bands[b].width;
     if (rows == 0) continue;
-    const bool out_prefix = flavour == Flavour::OUT_PREFIX;
     const int64_t n = out_prefix ? width : w.rows, k = out_prefix ? w.cols : width;
     const at::Tensor xb = at::from_blob(const_cast<float*>(x + r0 * ldx), {rows, k}, {ldx, 1},
                                         at::TensorOptions().dtype(at::kFloat));
