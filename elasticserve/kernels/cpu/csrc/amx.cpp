@@ -52,10 +52,8 @@ TileConfig tile_config() {
 bool cpu_has_amx_bf16() {
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool tiles = (d >> 24) & 1, bf16_tiles = (d >> 22) & 1, avx512f = (b >> 16) & 1;
-  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-  const bool avx512_bf16 = (a >> 5) & 1;
-  return tiles && bf16_tiles && avx512f && avx512_bf16;
+  const bool tiles = (d >> 24) & 1, bf16_tiles = (d >> 22) & 1;
+  return tiles && bf16_tiles && cpu_has_avx512_bf16();
 }
 
 bool cpu_has_amx_int8() {  // with the AVX-512 VNNI the quantized kernels' other code uses
@@ -87,6 +85,13 @@ void pack_x(const float* x, int64_t ldx, const Band* bands, int nb, Flavour flav
             int64_t steps, int64_t tile, uint32_t* xb);
 
 }  // namespace
+
+bool cpu_has_avx512_bf16() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((b >> 16) & 1)) return false;  // AVX-512F
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return (a >> 5) & 1;
+}
 
 bool amx_supported() {
   static const bool yes = cpu_has_amx_bf16() && request_tile_state();

@@ -52,6 +52,9 @@ void check_bands(const Mat& w, const Band* bands, int nbands, Flavour flavour);
 // True when the CPU runs the kernels' instructions (AVX2, FMA, F16C).
 bool cpu_supported();
 
+// True when the CPU computes bf16 natively: AVX-512F with AVX512-BF16 (CPUID, amx.cpp).
+bool cpu_has_avx512_bf16();
+
 // True when the CPU has AMX-BF16 (with AVX-512 BF16) and the OS grants this process the tile
 // registers: bf16 weights then run on AMX tiles (amx.cpp).
 bool amx_supported();

@@ -8,7 +8,6 @@
 // does; they go to oneDNN only where the CPU computes bf16 natively (AVX512-BF16), else the
 // native kernels keep them.
 #include <ATen/ATen.h>
-#include <cpuid.h>
 
 #include <atomic>
 
@@ -18,13 +17,6 @@ namespace es {
 namespace {
 
 std::atomic<bool> onednn_allowed{true};
-
-bool cpu_has_avx512_bf16() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((b >> 16) & 1)) return false;  // AVX-512F
-  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-  return (a >> 5) & 1;
-}
 
 }  // namespace
 
