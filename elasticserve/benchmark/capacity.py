@@ -28,6 +28,7 @@ from .serve import (
     meets_slo,
     output_lengths,
     send_request,
+    shape_mix,
 )
 
 
@@ -64,7 +65,8 @@ def window_for(latency_s: float, rate: float, windows: float, min_requests: int)
 def steady_state(
     cfg: BenchConfig, results: list[RequestResult], window: Window, rate: float
 ) -> dict[str, Any]:
-    """What the window measured: arrivals, how many met the SLO, attainment, goodput, lengths."""
+    """What the window measured: arrivals, how many met the SLO, attainment, goodput, lengths,
+    served shapes."""
     measured = [r for r in results if window.measures(r.sent)]
     met = sum(meets_slo(r, cfg.slo_ttft_ms, cfg.slo_tpot_ms) for r in measured)
     n = len(measured)
@@ -83,6 +85,7 @@ def steady_state(
         "ttft_p95_ms": _p95_ms(ttfts),
         "tpot_p95_ms": _p95_ms(tpots),
         **output_lengths(measured, cfg.output_len),
+        "shape_mix": shape_mix(measured),  # the served shapes, by share of streamed tokens
     }
 
 

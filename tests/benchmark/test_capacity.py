@@ -88,7 +88,10 @@ def test_steady_state_measures_the_window_of_arrivals_not_the_drain() -> None:
     window = Window(warmup_s=10.0, window_s=20.0, tail_s=10.0)
 
     def done(sent: float, ttft: float) -> RequestResult:
-        return RequestResult(0, sent=sent, ok=True, ttft=ttft, e2e=ttft + 0.9, output_tokens=10)
+        shapes = {"d30-w1.0": 10} if ttft < 1.0 else {"d15-w0.5": 10}
+        return RequestResult(
+            0, sent=sent, ok=True, ttft=ttft, e2e=ttft + 0.9, output_tokens=10, shapes=shapes
+        )
 
     results = [
         done(1.0, 9.0),  # warm-up: not measured, however slow
@@ -104,6 +107,8 @@ def test_steady_state_measures_the_window_of_arrivals_not_the_drain() -> None:
     assert s["goodput"] == 15 / 20.0 and s["arrival_rate"] == 1.0  # per window second
     assert (s["out_min"], s["out_max"], s["short_outputs"]) == (10, 10, 0)
     assert s["ttft_p95_ms"] == pytest.approx(5000.0)
+    # the measured requests' tokens only: 15 fast ones on the full shape, 4 slow on the small
+    assert s["shape_mix"] == {"d30-w1.0": 0.789474, "d15-w0.5": 0.210526}
 
 
 def test_window_is_several_slo_bound_latencies_with_a_floor_of_requests() -> None:
