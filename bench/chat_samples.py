@@ -1,11 +1,15 @@
 """What a shrunk shape sounds like: five fixed chat prompts answered by the full shape and by the
 shapes the `slo` policy served under overload.
 
-The shapes are given (`--shapes`) or read from a `bench/peers.py compare` result: the shapes
-elasticserve's `slo` server answered with in its overload run, each with its share of the
-requests (`--from-peers bench/results/peers.json`, shapes under `--min-share` left out). Greedy,
-the pack's adapters bound, the chat template; writes chat_samples.md and .json to `--out`.
+The shapes are given (`--shapes`) or read from a benchmark's result, each with its share of
+the served tokens (shapes under `--min-share` left out): the shapes elasticserve's `slo` server
+answered with in a `bench/peers.py compare` overload run (`--from-peers`), or in a
+`bench/compare_policies.py` run at `--load` times the full shape's capacity (`--from-policies`).
+Greedy, the pack's adapters bound, the chat template; writes chat_samples.md and .json to
+`--out`.
 
+    python bench/chat_samples.py \
+        --from-policies bench/results/compare_policies/compare_policies.json
     python bench/chat_samples.py --from-peers bench/results/peers.json
 """
 
@@ -39,10 +43,26 @@ def served_shapes(path: Path, min_share: float) -> dict[str, float]:
     }
 
 
+def policy_shapes(path: Path, load: float, min_share: float) -> dict[str, float]:
+    """Shape -> share of the `slo` policy's tokens at `load` x capacity, from compare_policies."""
+    data = json.loads(path.read_text())
+    capacity = float(data["meta"]["slo_capacity_rps"])
+    runs = data["results"].get("slo") or []
+    if not runs:
+        raise SystemExit(f"{path}: no slo runs")
+    run = min(runs, key=lambda r: abs(float(r["request_rate"]) / capacity - load))
+    mix = run["shape_mix"]
+    return {
+        s: share for s, share in sorted(mix.items(), key=lambda kv: -kv[1]) if share >= min_share
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default=None, help="e.g. d24-w0.75,d30-w0.5-q4")
     parser.add_argument("--from-peers", default=None, help="a peers.json with an overload run")
+    parser.add_argument("--from-policies", default=None, help="a compare_policies.json")
+    parser.add_argument("--load", type=float, default=2.0, help="x capacity (--from-policies)")
     parser.add_argument("--min-share", type=float, default=0.05)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", default="bench/results")
@@ -50,6 +70,8 @@ def main() -> None:
     shares: dict[str, float | None] = {}
     if args.from_peers:
         shares.update(served_shapes(Path(args.from_peers), args.min_share))
+    if args.from_policies:
+        shares.update(policy_shapes(Path(args.from_policies), args.load, args.min_share))
     for shape in (args.shapes or "").split(","):
         if shape:
             shares.setdefault(shape, None)
