@@ -19,7 +19,8 @@ class Grid:
         self.specs = list(specs)
         # quality: the pack's held-out perplexity when every shape has one, else weight bytes
         if all(s.ppl is not None for s in specs):
-            self.by_quality = sorted(specs, key=lambda s: (s.ppl or 0.0, -s.weight_fraction, s.id))
+            quality = self._quality(self.specs)
+            self.by_quality = sorted(specs, key=lambda s: (quality[s.id], -s.weight_fraction, s.id))
         else:
             self.by_quality = sorted(specs, key=lambda s: (-s.weight_fraction, s.id))
         self.rank = {s.id: i for i, s in enumerate(self.by_quality)}
@@ -27,6 +28,22 @@ class Grid:
         self.smallest = min(specs, key=lambda s: (s.weight_fraction, s.id))
         self._by_shape = {s.shape: s for s in specs}
         self._fits: dict[tuple[Any, ...], int] = {}
+
+    @staticmethod
+    def _quality(specs: Sequence[ShapeSpec]) -> dict[int, float]:
+        """Perplexity by shape id, a quantized shape's never below its dense sibling's (same
+        depth and width): a q4 copy of the GGUF's own weights measures within noise of the bf16
+        one, sometimes 0.1 % lower, and ranked above it the policy would move requests to q4
+        under a dense cap, though q4 costs more per row than bf16 in a batch on some CPUs (AMX
+        Xeon: BENCHMARKS.md, "Policies under a rate sweep"), and a step of two precisions runs
+        both. Tied, the dense shape ranks first (more weight bytes); a quantized cap is still
+        chosen where the dense one misses the target."""
+        dense = {(s.shape.depth, s.shape.width): s.ppl for s in specs if not s.shape.precision}
+        out = {}
+        for s in specs:
+            sibling = dense.get((s.shape.depth, s.shape.width)) if s.shape.precision else None
+            out[s.id] = max(s.ppl or 0.0, sibling or 0.0)
+        return out
 
     def spec_of(self, shape_id: int) -> ShapeSpec:
         return self.specs[shape_id]

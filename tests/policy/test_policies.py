@@ -492,3 +492,26 @@ def test_no_flapping_under_steady_load_with_noisy_step_times():
     switches = sum(a != b for a, b in itertools.pairwise(caps))
     assert caps[0] != FULL.name
     assert switches <= 2, f"{switches} switches under steady load"
+
+
+def test_a_quantized_shape_never_outranks_its_dense_sibling() -> None:
+    """q4 measured 0.1 % below bf16 is noise: the dense shape keeps the request, q4 is a cap of
+    its own (chosen only where the dense one misses the target)."""
+    ppl = {"d8-w1.0": 10.0, "d8-w1.0-q4": 10.01, "d6-w1.0": 12.0, "d6-w1.0-q4": 11.99}
+    specs = [
+        ShapeSpec(
+            id=i,
+            shape=Shape(depth, 1.0, precision),
+            layers=LAYERS[depth],
+            heads=(4,) * 8,
+            mlp=(64,) * 8,
+            weight_fraction=depth / 8 * (0.4 if precision else 1.0),
+            ppl=ppl[str(Shape(depth, 1.0, precision))],
+        )
+        for i, (depth, precision) in enumerate([(8, ""), (8, "q4"), (6, ""), (6, "q4")])
+    ]
+    g = Grid(specs)
+    assert [s.name for s in g.by_quality] == ["d8-w1.0", "d8-w1.0-q4", "d6-w1.0", "d6-w1.0-q4"]
+    shallow = view("a", specs[2])  # holds 6 layers: under the full cap it stays at depth 6
+    assert g.spec_of(g.fit(shallow, specs[0])).name == "d6-w1.0"
+    assert g.spec_of(g.fit(shallow, specs[1])).name == "d6-w1.0-q4"  # a q4 cap: q4
