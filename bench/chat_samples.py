@@ -32,15 +32,20 @@ PROMPTS = [
 ]
 
 
+def main_shapes(mix: dict[str, float], min_share: float) -> dict[str, float]:
+    """The shapes of a served mix with at least `min_share`, largest share first."""
+    return {
+        s: share for s, share in sorted(mix.items(), key=lambda kv: -kv[1]) if share >= min_share
+    }
+
+
 def served_shapes(path: Path, min_share: float) -> dict[str, float]:
     """Shape -> share of the `slo` server's overload requests, from a peers.json."""
     rows = {r["server"]: r for r in json.loads(path.read_text())["rows"]}
     mix = (rows.get("elasticserve-slo", {}).get("overload") or {}).get("shape_mix") or {}
     if not mix:
         raise SystemExit(f"{path}: no overload shape mix of elasticserve-slo")
-    return {
-        s: share for s, share in sorted(mix.items(), key=lambda kv: -kv[1]) if share >= min_share
-    }
+    return main_shapes(mix, min_share)
 
 
 def policy_shapes(path: Path, load: float, min_share: float) -> dict[str, float]:
@@ -51,10 +56,7 @@ def policy_shapes(path: Path, load: float, min_share: float) -> dict[str, float]
     if not runs:
         raise SystemExit(f"{path}: no slo runs")
     run = min(runs, key=lambda r: abs(float(r["request_rate"]) / capacity - load))
-    mix = run["shape_mix"]
-    return {
-        s: share for s, share in sorted(mix.items(), key=lambda kv: -kv[1]) if share >= min_share
-    }
+    return main_shapes(run["shape_mix"], min_share)
 
 
 def main() -> None:

@@ -136,7 +136,6 @@ def main() -> None:
     out = Path(args.out)
     mults = [float(m) for m in args.mults.split(",")]
     bodies = prompt_bodies("austen", args.data, 2000, args.input_len, seed=1)
-    results: dict[str, list[dict[str, Any]]] = {}
     slo = {"slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms}
 
     fixed_port, slo_port = free_port(), free_port()
