@@ -1,5 +1,5 @@
 // Quantized band linears: checks, x quantization, scalar reference (generic code), then the
-// AVX2 kernels (target region).
+// AVX2 code (target region): each group's x quantization and the kernels.
 #include "qlinear.h"
 #include "simd.h"
 
@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <stdexcept>
 #include <string>
 
