@@ -49,12 +49,12 @@ class ElasticPolicy(Policy):
         refusing = (
             self._refused_at is not None and now - self._refused_at < self.config.grow_after_s
         )
+        rank, pressure = self.grid.rank, self.pressures(state, now)
         if refusing and (state.running or state.waiting):
-            # even the smallest shape was predicted too slow for this queue: anything wider
+            # even the fastest shape was predicted too slow for this queue: anything slower
             # (say, once the queued requests are all past saving) lengthens what caused it
             self._hold_reset()
-            return self.grid.smallest
-        rank, pressure = self.grid.rank, self.pressures(state, now)
+            return min(self.grid.cheapest, key=lambda s: (pressure(s), rank[s.id]))
         seen: dict[int, float] = {}
 
         def meets(cap: ShapeSpec, margin: float) -> bool:

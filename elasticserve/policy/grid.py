@@ -26,6 +26,12 @@ class Grid:
         self.rank = {s.id: i for i, s in enumerate(self.by_quality)}
         self.full = max(specs, key=lambda s: (s.shape.depth, s.shape.width, s.shape.bits))
         self.smallest = min(specs, key=lambda s: (s.weight_fraction, s.id))
+        # the fastest step is one of these, which one depends on the batch: at one row the
+        # fewest bytes win, in a large batch a q4 row can cost more than a bf16 one (AMX Xeon)
+        least: dict[str, ShapeSpec] = {}
+        for s in sorted(specs, key=lambda s: (s.weight_fraction, s.id)):
+            least.setdefault(s.shape.precision, s)
+        self.cheapest = list(least.values())
         self._by_shape = {s.shape: s for s in specs}
         self._fits: dict[tuple[Any, ...], int] = {}
 

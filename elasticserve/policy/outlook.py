@@ -89,6 +89,13 @@ class Outlook:
             tpot = tpot / (1.0 - busy) if busy < 1.0 else math.inf
         return Forecast(prefill, decode, tpot)
 
+    def fastest(self) -> tuple[ShapeSpec, Forecast]:
+        """The cap with the shortest predicted TPOT here (the best quality of equals), and its
+        forecast: the fewest bytes of some precision (`Grid.cheapest`), which one by the batch."""
+        forecasts = [(self.forecast(cap), cap) for cap in self.grid.cheapest]
+        f, cap = min(forecasts, key=lambda fc: (fc[0].tpot_s, self.grid.rank[fc[1].id]))
+        return cap, f
+
     def ttft(self, wait: tuple[RequestView, float, int, int], f: Forecast) -> float:
         """Predicted TTFT (seconds since arrival) of one queue entry under a forecast."""
         _, elapsed, prefill_steps, slot_steps = wait

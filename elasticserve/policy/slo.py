@@ -54,13 +54,14 @@ class SloPolicy(ElasticPolicy):
     def admit(self, request: RequestView, state: LoadState, now: float) -> int | Refuse:
         with_it = replace(state, waiting=(*state.waiting, request))
         outlook = Outlook(self.grid, self.step_model, with_it, now)
-        f = outlook.forecast(self.grid.smallest)
+        fastest, f = outlook.fastest()
         ttft_s = outlook.ttft(outlook.queue[-1], f)
         slo = request.slo.over(self.slo)
         late_ttft = slo.ttft_ms is not None and ttft_s * 1000 > slo.ttft_ms
         late_tpot = slo.tpot_ms is not None and f.tpot_s * 1000 > slo.tpot_ms
         if late_ttft or late_tpot:
-            refusal = self._refusal(request, state, now, slo, ttft_s if late_ttft else None, f)
+            late = ttft_s if late_ttft else None
+            refusal = self._refusal(request, state, now, slo, late, fastest, f)
             if refusal.under_load:  # not one whose SLO no shape could meet
                 self._refused_at = now
             return refusal
@@ -78,16 +79,17 @@ class SloPolicy(ElasticPolicy):
         now: float,
         slo: SLO,
         late_ttft_s: float | None,
+        fastest: ShapeSpec,
         f: Forecast,
     ) -> Refuse:
-        """A refusal whose Retry-After is when the smallest shape should meet the SLO again."""
+        """A refusal whose Retry-After is when the fastest shape should meet the SLO again."""
         idle = LoadState(
             waiting=(request,),
             max_num_seqs=state.max_num_seqs,
             max_num_batched_tokens=state.max_num_batched_tokens,
         )
         alone = Outlook(self.grid, self.step_model, idle, now)
-        alone_f = alone.forecast(self.grid.smallest)
+        _, alone_f = alone.fastest()
         hopeless = (
             slo.ttft_ms is not None and alone.ttft(alone.queue[0], alone_f) * 1000 > slo.ttft_ms
         ) or (slo.tpot_ms is not None and alone_f.tpot_s * 1000 > slo.tpot_ms)
@@ -101,7 +103,7 @@ class SloPolicy(ElasticPolicy):
         where = "even on an idle server" if hopeless else "under the current load"
         return Refuse(
             retry_after_s=float(max(1, math.ceil(wait))),
-            reason=f"even the smallest shape {self.grid.smallest.name} is predicted to miss "
+            reason=f"even the fastest shape {fastest.name} is predicted to miss "
             f"the SLO {where} ({what})",
             under_load=not hopeless,
         )

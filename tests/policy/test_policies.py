@@ -515,3 +515,60 @@ def test_a_quantized_shape_never_outranks_its_dense_sibling() -> None:
     shallow = view("a", specs[2])  # holds 6 layers: under the full cap it stays at depth 6
     assert g.spec_of(g.fit(shallow, specs[0])).name == "d6-w1.0"
     assert g.spec_of(g.fit(shallow, specs[1])).name == "d6-w1.0-q4"  # a q4 cap: q4
+
+
+def _two_precision_grid() -> tuple[list[ShapeSpec], StepTimeModel]:
+    """Depths 8/4 at bf16 and q4; q4 reads 0.4x the bytes but costs 3x per row (an AMX Xeon's
+    q4 rows are compute-bound, its bf16 ones are not): fastest alone, slowest in a batch."""
+    ppl = {"d8-w1.0": 10.0, "d8-w1.0-q4": 10.0, "d4-w1.0": 20.0, "d4-w1.0-q4": 20.0}
+    shapes = [(8, ""), (8, "q4"), (4, ""), (4, "q4")]
+    specs = [
+        ShapeSpec(
+            id=i,
+            shape=Shape(depth, 1.0, precision),
+            layers=LAYERS[depth],
+            heads=(4,) * 8,
+            mlp=(64,) * 8,
+            weight_fraction=depth / 8 * (0.4 if precision else 1.0),
+            ppl=ppl[str(Shape(depth, 1.0, precision))],
+        )
+        for i, (depth, precision) in enumerate(shapes)
+    ]
+    per_row = {"": 0.001, "q4": 0.003}
+    model = StepTimeModel(
+        {
+            s.name: (0.010 * s.weight_fraction, per_row[s.shape.precision] * s.shape.depth / 8,
+                     0.0, 0.0)
+            for s in specs
+        },
+        alpha=0.0,
+    )  # fmt: skip
+    return specs, model
+
+
+def test_the_fastest_shape_depends_on_the_batch_not_only_on_bytes() -> None:
+    specs, model = _two_precision_grid()
+    g = Grid(specs)
+    assert g.smallest.name == "d4-w1.0-q4"
+    assert sorted(s.name for s in g.cheapest) == ["d4-w1.0", "d4-w1.0-q4"]
+    alone = Outlook(g, model, state(waiting=[view("n", specs[0], running=False)]), 0.0)
+    assert alone.fastest()[0].name == "d4-w1.0-q4"  # one row: the fewest bytes win
+    busy = state([view(f"r{i}", specs[0]) for i in range(30)])
+    cap, f = Outlook(g, model, busy, 0.0).fastest()
+    assert cap.name == "d4-w1.0"  # 30 rows: q4's per-row cost loses
+    assert f.decode_step_s < Outlook(g, model, busy, 0.0).forecast(g.smallest).decode_step_s
+
+
+def test_admission_and_the_refusing_cap_use_the_fastest_shape_for_the_batch() -> None:
+    specs, model = _two_precision_grid()
+    busy = [view(f"r{i}", specs[0]) for i in range(30)]
+    # at 30 rows d4 bf16 steps take 35 ms, d4 q4 ones 47 ms: a 40 ms TPOT is met by bf16 only
+    policy = SloPolicy(specs, model, SLO(ttft_ms=2000.0, tpot_ms=40.0))
+    assert isinstance(policy.admit(view("n", specs[0], running=False), state(busy), 0.0), int)
+    # a queue no shape prefills in time: refused, and the cap drains it at the fastest shape
+    queue = [view(f"w{i}", specs[0], running=False, prompt_tokens=512) for i in range(40)]
+    tight = SloPolicy(specs, model, SLO(ttft_ms=20.0, tpot_ms=40.0))
+    refused = tight.admit(view("late", specs[0], running=False), state(busy, queue), 0.0)
+    assert isinstance(refused, Refuse) and refused.under_load
+    assert "d4-w1.0 " in refused.reason
+    assert specs[tight.decide(state(busy, queue), 0.1).step_shape].name == "d4-w1.0"
