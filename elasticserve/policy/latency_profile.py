@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import platformdirs
 import torch
 
 from ..model.bundle import ModelBundle, default_pack_path
 from ..model.device import cpu_model
 from ..model.shapes import ShapeSpec
+from ..paths import cache_root
 from .step_time import Sample, StepTimeModel, error_summary, predicted_latency
 
 FORMAT_VERSION = 1
@@ -139,7 +139,7 @@ def profile_path(bundle: ModelBundle, pack_dir: str | os.PathLike[str] | None = 
     """
     if pack_dir is not None:
         return Path(pack_dir) / profile_filename(bundle)
-    cache = Path(platformdirs.user_cache_dir("elasticserve")) / "latency"
+    cache = cache_root() / "latency"
     key = f"{bundle.pack.fingerprint}-{grid_key(bundle.specs)}"
     return cache / key / profile_filename(bundle)
 

@@ -11,7 +11,6 @@ from elasticserve.cli import profile as cli_profile
 from elasticserve.engine.profiler import profile
 from elasticserve.model.bundle import load_bundle
 from elasticserve.model.pack import identity_pack
-from elasticserve.policy import latency_profile
 from elasticserve.policy.factory import policy_for
 from elasticserve.policy.latency_profile import load_profile, profile_path
 
@@ -79,11 +78,16 @@ def test_policy_for_uses_the_stored_profile(bundle, measured, tmp_path):
 def test_without_a_pack_dir_the_profile_lives_in_the_user_cache(
     bundle, measured, tmp_path, monkeypatch
 ):
-    cache = lambda app: str(tmp_path / app)  # noqa: E731
-    monkeypatch.setattr(latency_profile.platformdirs, "user_cache_dir", cache)
+    monkeypatch.delenv("ELASTICSERVE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # platformdirs' user cache on Linux
     path = measured.save(profile_path(bundle))
     assert path.is_relative_to(tmp_path / "elasticserve") and bundle.pack.fingerprint in str(path)
     assert load_profile(bundle) is not None
+    # $ELASTICSERVE_CACHE moves it, as it moves the converted models and the native builds
+    monkeypatch.setenv("ELASTICSERVE_CACHE", str(tmp_path / "elsewhere"))
+    assert profile_path(bundle).is_relative_to(tmp_path / "elsewhere" / "latency")
+    assert load_profile(bundle) is None
+    assert measured.save(profile_path(bundle)) and load_profile(bundle) is not None
 
 
 def test_cli_profile_writes_beside_the_pack(bundle, tmp_path, capsys):

@@ -41,9 +41,9 @@ def _version() -> str:
 
 def build_dir() -> Path:
     """Where the extension is built: the user's cache, keyed by source version."""
-    from platformdirs import user_cache_dir
+    from ...paths import cache_root
 
-    return Path(user_cache_dir("elasticserve")) / "native" / _version()
+    return cache_root() / "native" / _version()
 
 
 def load() -> ModuleType | None:
