@@ -14,7 +14,7 @@ from elasticserve.engine.sampling import SamplingParams
 from elasticserve.kernels.cpu import build
 from elasticserve.model.adapters import LoraConfig, LoraExperts, effective_weights
 from elasticserve.model.bundle import load_bundle
-from elasticserve.model.device import cpu_has_native_bf16
+from elasticserve.model.device import cpu_flags, cpu_has_native_bf16
 from elasticserve.model.step_plan import BlockPool, SeqChunk, build_step
 
 from ..helpers import random_pack
@@ -110,12 +110,29 @@ def onednn(allow: bool):
         ext.use_onednn(before)
 
 
-@pytest.mark.parametrize("dnn", [True, False], ids=["onednn", "kernels"])
-def test_long_contexts_match_torch(bundle, dnn):
+@contextlib.contextmanager
+def avx512_attention(allow: bool):
+    """The tiled attention at 16 lanes (where the CPU has AVX-512), or the AVX2 tile."""
+    ext = build.load()
+    before = ext.use_avx512_attention(allow)
+    try:
+        yield
+    finally:
+        ext.use_avx512_attention(before)
+
+
+@pytest.mark.parametrize(
+    "dnn, wide", [(True, True), (False, True), (False, False)], ids=["onednn", "kernels", "avx2"]
+)
+def test_long_contexts_match_torch(bundle, dnn, wide):
     """Contexts past one 64-key pass of the tiled attention (its online softmax rescales), a
     prefill chunk over a long cached prefix, and decodes over it, at two shapes in one step; the
-    prefill steps' 100+ rows run their linears on oneDNN (both widths' bands) or the kernels."""
-    with onednn(dnn):
+    prefill steps' 100+ rows run their linears on oneDNN (both widths' bands) or the kernels; the
+    attention at 16 lanes where the CPU has AVX-512 (the qwen2 model's head_dim 32), and on AVX2."""
+    if wide:  # the dispatch follows the CPU's flags
+        wanted = {"avx512f", "avx512dq", "avx512vl"} <= cpu_flags()
+        assert build.load().avx512_attention_active() == wanted
+    with onednn(dnn), avx512_attention(wide):
         _long_contexts(bundle)
 
 

@@ -370,6 +370,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "AMX-INT8 present and granted (the q8/q4 linears of several rows use it)");
   mod.def("use_amx", &es::use_amx, "allow the AMX kernels (tests); returns the old value",
           pybind11::arg("allow"));
+  mod.def("avx512_attention_active", &es::avx512_attention_active,
+          "the tiled attention runs at 16 lanes (AVX-512 present and allowed)");
+  mod.def("use_avx512_attention", &es::use_avx512_attention,
+          "allow the AVX-512 tiled attention (tests, benchmarks); returns the old value",
+          pybind11::arg("allow"));
   mod.def("use_onednn", &es::use_onednn,
           "allow oneDNN for the dense linears of prefill-sized steps (tests, benchmarks); returns "
           "the old value",

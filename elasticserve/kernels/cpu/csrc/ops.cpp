@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -294,10 +295,12 @@ void attend(const float* q, int64_t q_stride, int ranks, const float* cache, int
 }
 
 
-void attend_tile(const float* q, int64_t q_row_stride, int64_t q_stride, int rows, int ranks,
-                 const float* cache, int64_t slot_stride, int64_t k_off, int64_t v_off,
-                 const int32_t* blocks, int32_t bs, int64_t pos0, int hd, float scale,
-                 float* out, int64_t out_row_stride, int64_t out_stride) {
+namespace {
+
+void attend_tile_avx2(const float* q, int64_t q_row_stride, int64_t q_stride, int rows,
+                      int ranks, const float* cache, int64_t slot_stride, int64_t k_off,
+                      int64_t v_off, const int32_t* blocks, int32_t bs, int64_t pos0, int hd,
+                      float scale, float* out, int64_t out_row_stride, int64_t out_stride) {
   constexpr int CH = 64;  // keys a pass: their K and V (32 KB at hd 64) stay in L1 for the tile
   const int nq = rows * ranks;  // query q = i * ranks + j: row i, rank j
   const int64_t ctx = pos0 + rows;  // the last row's context
@@ -362,6 +365,240 @@ void attend_tile(const float* q, int64_t q_row_stride, int64_t q_stride, int row
     float* o = out + (qi / ranks) * out_row_stride + (qi % ranks) * out_stride;
     const float inv = 1.0f / sum[qi];
     for (int i = 0; i < hd; ++i) o[i] = acc[size_t(qi) * hd + i] * inv;
+  }
+}
+
+}  // namespace
+
+void attend_tile(const float* q, int64_t q_row_stride, int64_t q_stride, int rows, int ranks,
+                 const float* cache, int64_t slot_stride, int64_t k_off, int64_t v_off,
+                 const int32_t* blocks, int32_t bs, int64_t pos0, int hd, float scale,
+                 float* out, int64_t out_row_stride, int64_t out_stride) {
+  if (hd % 16 == 0 && avx512_attention_active()) {
+    attend_tile_avx512(q, q_row_stride, q_stride, rows, ranks, cache, slot_stride, k_off, v_off,
+                       blocks, bs, pos0, hd, scale, out, out_row_stride, out_stride);
+    return;
+  }
+  attend_tile_avx2(q, q_row_stride, q_stride, rows, ranks, cache, slot_stride, k_off, v_off,
+                   blocks, bs, pos0, hd, scale, out, out_row_stride, out_stride);
+}
+
+}  // namespace es
+
+#pragma GCC pop_options
+
+// ---- AVX-512: the same tile at 16 lanes, two queries per pass over a key or a value ----------
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma,f16c")
+
+namespace es {
+namespace {
+
+std::atomic<bool> avx512_attention_allowed{true};
+
+// e^x for x <= 0, as exp_neg at 16 lanes.
+inline __m512 exp_neg16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381608e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+  const __m512 r = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), r);
+}
+
+// Q queries' scores against eight keys, hd a multiple of 16: Q x 8 accumulators, each key
+// vector loaded once for the Q queries (one query a load per FMA is load-bound).
+template <int Q>
+inline void dots8(const float* const* q, const float* const* k, int hd, __m256* out) {
+  __m512 a[Q][8];
+  for (int j = 0; j < Q; ++j)
+    for (int u = 0; u < 8; ++u) a[j][u] = _mm512_setzero_ps();
+  for (int i = 0; i < hd; i += 16) {
+    __m512 qv[Q];
+    for (int j = 0; j < Q; ++j) qv[j] = _mm512_loadu_ps(q[j] + i);
+    for (int u = 0; u < 8; ++u) {
+      const __m512 kv = _mm512_loadu_ps(k[u] + i);
+      for (int j = 0; j < Q; ++j) a[j][u] = _mm512_fmadd_ps(qv[j], kv, a[j][u]);
+    }
+  }
+  for (int j = 0; j < Q; ++j) {
+    __m256 h[8];
+    for (int u = 0; u < 8; ++u)
+      h[u] = _mm256_add_ps(_mm512_castps512_ps256(a[j][u]), _mm512_extractf32x8_ps(a[j][u], 1));
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+    out[j] = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20),
+                           _mm256_permute2f128_ps(h0, h1, 0x31));
+  }
+}
+
+// acc[j] += sum over w < n of p[j][w] * v(w) for Q queries, hd = 16 * NV: each value vector is
+// loaded once for the Q queries.
+template <int Q, int NV>
+inline void weigh(float* const* acc, const float* const* p, const float* cache,
+                  const int64_t* offsets, int n) {
+  __m512 a[Q][NV];
+  for (int j = 0; j < Q; ++j)
+    for (int i = 0; i < NV; ++i) a[j][i] = _mm512_loadu_ps(acc[j] + 16 * i);
+  for (int w = 0; w < n; ++w) {
+    const float* v = cache + offsets[w];
+    __m512 pw[Q];
+    for (int j = 0; j < Q; ++j) pw[j] = _mm512_set1_ps(p[j][w]);
+    for (int i = 0; i < NV; ++i) {
+      const __m512 vv = _mm512_loadu_ps(v + 16 * i);
+      for (int j = 0; j < Q; ++j) a[j][i] = _mm512_fmadd_ps(pw[j], vv, a[j][i]);
+    }
+  }
+  for (int j = 0; j < Q; ++j)
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc[j] + 16 * i, a[j][i]);
+}
+
+template <int Q>
+void weigh_any(int nv, float* const* acc, const float* const* p, const float* cache,
+               const int64_t* offsets, int n) {
+  switch (nv) {
+    case 1: return weigh<Q, 1>(acc, p, cache, offsets, n);
+    case 2: return weigh<Q, 2>(acc, p, cache, offsets, n);
+    case 3: return weigh<Q, 3>(acc, p, cache, offsets, n);
+    case 4: return weigh<Q, 4>(acc, p, cache, offsets, n);
+    case 5: return weigh<Q, 5>(acc, p, cache, offsets, n);
+    case 6: return weigh<Q, 6>(acc, p, cache, offsets, n);
+    case 7: return weigh<Q, 7>(acc, p, cache, offsets, n);
+    default: return weigh<Q, 8>(acc, p, cache, offsets, n);
+  }
+}
+
+}  // namespace
+
+bool use_avx512_attention(bool allow) { return avx512_attention_allowed.exchange(allow); }
+
+bool avx512_attention_active() {
+  static const bool supported = __builtin_cpu_supports("avx512f") &&
+                                __builtin_cpu_supports("avx512dq") &&
+                                __builtin_cpu_supports("avx512vl");
+  return supported && avx512_attention_allowed;
+}
+
+void attend_tile_avx512(const float* q, int64_t q_row_stride, int64_t q_stride, int rows,
+                        int ranks, const float* cache, int64_t slot_stride, int64_t k_off,
+                        int64_t v_off, const int32_t* blocks, int32_t bs, int64_t pos0, int hd,
+                        float scale, float* out, int64_t out_row_stride, int64_t out_stride) {
+  constexpr int CH = 64;  // keys a pass, as the AVX2 tile
+  const int nq = rows * ranks;  // query q = i * ranks + j: row i, rank j
+  const int64_t ctx = pos0 + rows;
+  const int nv = hd / 16;
+  thread_local std::vector<int64_t> offsets;
+  thread_local std::vector<float> sc, acc, mx, sum;
+  offsets.resize(size_t(ctx));
+  for (int64_t t = 0; t < ctx; t += bs) {
+    const int64_t base = int64_t(blocks[t / bs]) * bs * slot_stride;
+    for (int64_t u = t; u < t + bs && u < ctx; ++u) offsets[u] = base + (u - t) * slot_stride;
+  }
+  sc.resize(size_t(nq) * CH);
+  acc.assign(size_t(nq) * hd, 0.0f);
+  mx.assign(size_t(nq), -INFINITY);
+  sum.assign(size_t(nq), 0.0f);
+  const auto query = [&](int qi) {
+    return q + (qi / ranks) * q_row_stride + (qi % ranks) * q_stride;
+  };
+  const __m256 sv = _mm256_set1_ps(scale);
+  thread_local std::vector<int64_t> voff;
+  voff.resize(CH);
+  for (int64_t t0 = 0; t0 < ctx; t0 += CH) {
+    const int n = int(std::min<int64_t>(CH, ctx - t0));
+    int u0 = 0;
+    for (; u0 + 8 <= n; u0 += 8) {
+      const float* k[8];
+      for (int u = 0; u < 8; ++u) k[u] = cache + offsets[t0 + u0 + u] + k_off;
+      int qi = 0;
+      for (; qi + 2 <= nq; qi += 2) {
+        const float* qs[2] = {query(qi), query(qi + 1)};
+        __m256 d[2];
+        dots8<2>(qs, k, hd, d);
+        for (int j = 0; j < 2; ++j)
+          _mm256_storeu_ps(&sc[size_t(qi + j) * CH + u0], _mm256_mul_ps(d[j], sv));
+      }
+      if (qi < nq) {
+        const float* qs[1] = {query(qi)};
+        __m256 d[1];
+        dots8<1>(qs, k, hd, d);
+        _mm256_storeu_ps(&sc[size_t(qi) * CH + u0], _mm256_mul_ps(d[0], sv));
+      }
+    }
+    for (; u0 < n; ++u0) {
+      const float* k = cache + offsets[t0 + u0] + k_off;
+      for (int qi = 0; qi < nq; ++qi) {
+        const float* qv = query(qi);
+        __m512 a = _mm512_setzero_ps();
+        for (int i = 0; i < hd; i += 16)
+          a = _mm512_fmadd_ps(_mm512_loadu_ps(qv + i), _mm512_loadu_ps(k + i), a);
+        sc[size_t(qi) * CH + u0] = _mm512_reduce_add_ps(a) * scale;
+      }
+    }
+    // online softmax per query; a query's scores past its row's last key become 0, so the
+    // weighted sums below run over the pass's n keys for every query alike
+    for (int qi = 0; qi < nq; ++qi) {
+      const int64_t last = pos0 + qi / ranks + 1 - t0;  // keys of this pass the row sees
+      const int valid = int(std::clamp<int64_t>(last, 0, n));
+      float* p = &sc[size_t(qi) * CH];
+      float* o = &acc[size_t(qi) * hd];
+      if (valid == 0) {
+        std::fill(p, p + n, 0.0f);
+        continue;
+      }
+      __m512 mv = _mm512_set1_ps(mx[qi]);
+      for (int u = 0; u < valid; u += 16) {
+        const __mmask16 live = static_cast<__mmask16>((1u << std::min(16, valid - u)) - 1);
+        mv = _mm512_mask_max_ps(mv, live, mv, _mm512_maskz_loadu_ps(live, p + u));
+      }
+      const float m = _mm512_reduce_max_ps(mv);
+      const float corr = mx[qi] == -INFINITY ? 0.0f : std::exp(mx[qi] - m);
+      mx[qi] = m;
+      const __m512 mm = _mm512_set1_ps(m);
+      __m512 total = _mm512_setzero_ps();
+      for (int u = 0; u < n; u += 16) {
+        const int left = std::min(16, n - u), live_n = std::clamp(valid - u, 0, left);
+        const __mmask16 all = static_cast<__mmask16>((1u << left) - 1);
+        const __mmask16 live = static_cast<__mmask16>((1u << live_n) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(
+            live, exp_neg16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + u), mm)));
+        _mm512_mask_storeu_ps(p + u, all, e);
+        total = _mm512_add_ps(total, e);
+      }
+      sum[qi] = sum[qi] * corr + _mm512_reduce_add_ps(total);
+      const __m512 cv = _mm512_set1_ps(corr);
+      for (int i = 0; i < hd; i += 16)
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_loadu_ps(o + i), cv));
+    }
+    for (int w = 0; w < n; ++w) voff[w] = offsets[t0 + w] + v_off;
+    int qi = 0;
+    for (; qi + 2 <= nq; qi += 2) {
+      float* accs[2] = {&acc[size_t(qi) * hd], &acc[size_t(qi + 1) * hd]};
+      const float* ps[2] = {&sc[size_t(qi) * CH], &sc[size_t(qi + 1) * CH]};
+      weigh_any<2>(nv, accs, ps, cache, voff.data(), n);
+    }
+    if (qi < nq) {
+      float* accs[1] = {&acc[size_t(qi) * hd]};
+      const float* ps[1] = {&sc[size_t(qi) * CH]};
+      weigh_any<1>(nv, accs, ps, cache, voff.data(), n);
+    }
+  }
+  for (int qi = 0; qi < nq; ++qi) {
+    float* o = out + (qi / ranks) * out_row_stride + (qi % ranks) * out_stride;
+    const __m512 inv = _mm512_set1_ps(1.0f / sum[qi]);
+    for (int i = 0; i < hd; i += 16)
+      _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_loadu_ps(&acc[size_t(qi) * hd + i]), inv));
   }
 }
 

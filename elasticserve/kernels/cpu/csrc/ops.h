@@ -31,6 +31,15 @@ void attend_tile(const float* q, int64_t q_row_stride, int64_t q_stride, int row
                  const int32_t* blocks, int32_t bs, int64_t pos0, int hd, float scale,
                  float* out, int64_t out_row_stride, int64_t out_stride);
 
+// attend_tile's AVX-512 variant (hd a multiple of 16), which attend_tile runs where the CPU has
+// AVX-512 and use_avx512_attention allows it (tests compare both); returns the old permission.
+void attend_tile_avx512(const float* q, int64_t q_row_stride, int64_t q_stride, int rows,
+                        int ranks, const float* cache, int64_t slot_stride, int64_t k_off,
+                        int64_t v_off, const int32_t* blocks, int32_t bs, int64_t pos0, int hd,
+                        float scale, float* out, int64_t out_row_stride, int64_t out_stride);
+bool use_avx512_attention(bool allow);
+bool avx512_attention_active();
+
 // One row's shape-aware LoRA term on one linear, added in place: for each of the row's two
 // experts e, y[0, n) += gain[e] * (x[0, k) . a_e[0, k)) b_e[:, 0, n), where a holds the experts'
 // [in, rank] down-projections and b their [rank, out] up-projections (experts[e] indexes them).
