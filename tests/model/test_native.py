@@ -100,25 +100,24 @@ def test_mixed_prefill_and_decode_match_torch(bundle, lora):
 
 
 @contextlib.contextmanager
+def switched(switch: str, allow: bool):
+    """The extension's `switch` (use_onednn, use_avx512_attention, ...) set, then restored."""
+    setter = getattr(build.load(), switch)
+    before = setter(allow)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
 def onednn(allow: bool):
     """The native step with (or without) oneDNN for the dense linears of prefill-sized steps."""
-    ext = build.load()
-    before = ext.use_onednn(allow)
-    try:
-        yield
-    finally:
-        ext.use_onednn(before)
+    return switched("use_onednn", allow)
 
 
-@contextlib.contextmanager
 def avx512_attention(allow: bool):
     """The tiled attention at 16 lanes (where the CPU has AVX-512), or the AVX2 tile."""
-    ext = build.load()
-    before = ext.use_avx512_attention(allow)
-    try:
-        yield
-    finally:
-        ext.use_avx512_attention(before)
+    return switched("use_avx512_attention", allow)
 
 
 @pytest.mark.parametrize(

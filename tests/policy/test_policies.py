@@ -494,22 +494,28 @@ def test_no_flapping_under_steady_load_with_noisy_step_times():
     assert switches <= 2, f"{switches} switches under steady load"
 
 
+def precision_grid(ppl: dict[str, float]) -> list[ShapeSpec]:
+    """Full-width shapes named by `ppl` (in its order), bf16 and q4 (0.4x the bytes)."""
+    shapes = [Shape.parse(name, num_layers=8) for name in ppl]
+    return [
+        ShapeSpec(
+            id=i,
+            shape=shape,
+            layers=LAYERS[shape.depth],
+            heads=(4,) * 8,
+            mlp=(64,) * 8,
+            weight_fraction=shape.depth / 8 * (0.4 if shape.precision else 1.0),
+            ppl=ppl[str(shape)],
+        )
+        for i, shape in enumerate(shapes)
+    ]
+
+
 def test_a_quantized_shape_never_outranks_its_dense_sibling() -> None:
     """q4 measured 0.1 % below bf16 is noise: the dense shape keeps the request, q4 is a cap of
     its own (chosen only where the dense one misses the target)."""
     ppl = {"d8-w1.0": 10.0, "d8-w1.0-q4": 10.01, "d6-w1.0": 12.0, "d6-w1.0-q4": 11.99}
-    specs = [
-        ShapeSpec(
-            id=i,
-            shape=Shape(depth, 1.0, precision),
-            layers=LAYERS[depth],
-            heads=(4,) * 8,
-            mlp=(64,) * 8,
-            weight_fraction=depth / 8 * (0.4 if precision else 1.0),
-            ppl=ppl[str(Shape(depth, 1.0, precision))],
-        )
-        for i, (depth, precision) in enumerate([(8, ""), (8, "q4"), (6, ""), (6, "q4")])
-    ]
+    specs = precision_grid(ppl)
     g = Grid(specs)
     assert [s.name for s in g.by_quality] == ["d8-w1.0", "d8-w1.0-q4", "d6-w1.0", "d6-w1.0-q4"]
     shallow = view("a", specs[2])  # holds 6 layers: under the full cap it stays at depth 6
@@ -520,20 +526,9 @@ def test_a_quantized_shape_never_outranks_its_dense_sibling() -> None:
 def _two_precision_grid() -> tuple[list[ShapeSpec], StepTimeModel]:
     """Depths 8/4 at bf16 and q4; q4 reads 0.4x the bytes but costs 3x per row (an AMX Xeon's
     q4 rows are compute-bound, its bf16 ones are not): fastest alone, slowest in a batch."""
-    ppl = {"d8-w1.0": 10.0, "d8-w1.0-q4": 10.0, "d4-w1.0": 20.0, "d4-w1.0-q4": 20.0}
-    shapes = [(8, ""), (8, "q4"), (4, ""), (4, "q4")]
-    specs = [
-        ShapeSpec(
-            id=i,
-            shape=Shape(depth, 1.0, precision),
-            layers=LAYERS[depth],
-            heads=(4,) * 8,
-            mlp=(64,) * 8,
-            weight_fraction=depth / 8 * (0.4 if precision else 1.0),
-            ppl=ppl[str(Shape(depth, 1.0, precision))],
-        )
-        for i, (depth, precision) in enumerate(shapes)
-    ]
+    specs = precision_grid(
+        {"d8-w1.0": 10.0, "d8-w1.0-q4": 10.0, "d4-w1.0": 20.0, "d4-w1.0-q4": 20.0}
+    )
     per_row = {"": 0.001, "q4": 0.003}
     model = StepTimeModel(
         {

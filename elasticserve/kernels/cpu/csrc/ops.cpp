@@ -23,6 +23,11 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// 2^f for |f| <= 0.5, degree 6, highest power first (relative error ~2e-7).
+constexpr float EXP2_POLY[7] = {1.5403530393381608e-4f, 1.3333558146428443e-3f,
+                                9.6181291076284772e-3f, 5.5504108664821580e-2f,
+                                2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f};
+
 // e^x for x <= 0 (softmax after the max is taken): 2^(x log2 e) split into 2^n * 2^f,
 // |f| <= 0.5, 2^f by a degree-6 polynomial (relative error ~2e-7); below -87 it is 0.
 inline __m256 exp_neg(__m256 x) {
@@ -32,13 +37,8 @@ inline __m256 exp_neg(__m256 x) {
   const __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
   const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(y, n);
-  __m256 p = _mm256_set1_ps(1.5403530393381608e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(EXP2_POLY[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   const __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
   return _mm256_andnot_ps(under, r);
@@ -297,6 +297,28 @@ void attend(const float* q, int64_t q_stride, int ranks, const float* cache, int
 
 namespace {
 
+// A tile's per-thread scratch: each context position's cache offset (walked block by block), a
+// pass's scores, the output accumulators and the online softmax's running max and sum.
+struct TileScratch {
+  std::vector<int64_t> offsets;
+  std::vector<float> sc, acc, mx, sum;
+};
+
+TileScratch& tile_scratch(const int32_t* blocks, int32_t bs, int64_t slot_stride, int64_t ctx,
+                          int nq, int hd, int keys_per_pass) {
+  thread_local TileScratch s;
+  s.offsets.resize(size_t(ctx));
+  for (int64_t t = 0; t < ctx; t += bs) {
+    const int64_t base = int64_t(blocks[t / bs]) * bs * slot_stride;
+    for (int64_t u = t; u < t + bs && u < ctx; ++u) s.offsets[u] = base + (u - t) * slot_stride;
+  }
+  s.sc.resize(size_t(nq) * keys_per_pass);
+  s.acc.assign(size_t(nq) * hd, 0.0f);
+  s.mx.assign(size_t(nq), -INFINITY);
+  s.sum.assign(size_t(nq), 0.0f);
+  return s;
+}
+
 void attend_tile_avx2(const float* q, int64_t q_row_stride, int64_t q_stride, int rows,
                       int ranks, const float* cache, int64_t slot_stride, int64_t k_off,
                       int64_t v_off, const int32_t* blocks, int32_t bs, int64_t pos0, int hd,
@@ -305,17 +327,9 @@ void attend_tile_avx2(const float* q, int64_t q_row_stride, int64_t q_stride, in
   const int nq = rows * ranks;  // query q = i * ranks + j: row i, rank j
   const int64_t ctx = pos0 + rows;  // the last row's context
   const int nv = hd / 8;
-  thread_local std::vector<int64_t> offsets;
-  thread_local std::vector<float> sc, acc, mx, sum;
-  offsets.resize(size_t(ctx));
-  for (int64_t t = 0; t < ctx; t += bs) {
-    const int64_t base = int64_t(blocks[t / bs]) * bs * slot_stride;
-    for (int64_t u = t; u < t + bs && u < ctx; ++u) offsets[u] = base + (u - t) * slot_stride;
-  }
-  sc.resize(size_t(nq) * CH);
-  acc.assign(size_t(nq) * hd, 0.0f);
-  mx.assign(size_t(nq), -INFINITY);
-  sum.assign(size_t(nq), 0.0f);
+  TileScratch& scratch = tile_scratch(blocks, bs, slot_stride, ctx, nq, hd, CH);
+  const std::vector<int64_t>& offsets = scratch.offsets;
+  std::vector<float>&sc = scratch.sc, &acc = scratch.acc, &mx = scratch.mx, &sum = scratch.sum;
   const auto query = [&](int qi) { return q + (qi / ranks) * q_row_stride + (qi % ranks) * q_stride; };
   const __m256 sv = _mm256_set1_ps(scale);
   for (int64_t t0 = 0; t0 < ctx; t0 += CH) {
@@ -405,13 +419,8 @@ inline __m512 exp_neg16(__m512 x) {
   const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(y, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381608e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
   const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
   const __m512 r = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), r);
@@ -498,17 +507,9 @@ void attend_tile_avx512(const float* q, int64_t q_row_stride, int64_t q_stride, 
   const int nq = rows * ranks;  // query q = i * ranks + j: row i, rank j
   const int64_t ctx = pos0 + rows;
   const int nv = hd / 16;
-  thread_local std::vector<int64_t> offsets;
-  thread_local std::vector<float> sc, acc, mx, sum;
-  offsets.resize(size_t(ctx));
-  for (int64_t t = 0; t < ctx; t += bs) {
-    const int64_t base = int64_t(blocks[t / bs]) * bs * slot_stride;
-    for (int64_t u = t; u < t + bs && u < ctx; ++u) offsets[u] = base + (u - t) * slot_stride;
-  }
-  sc.resize(size_t(nq) * CH);
-  acc.assign(size_t(nq) * hd, 0.0f);
-  mx.assign(size_t(nq), -INFINITY);
-  sum.assign(size_t(nq), 0.0f);
+  TileScratch& scratch = tile_scratch(blocks, bs, slot_stride, ctx, nq, hd, CH);
+  const std::vector<int64_t>& offsets = scratch.offsets;
+  std::vector<float>&sc = scratch.sc, &acc = scratch.acc, &mx = scratch.mx, &sum = scratch.sum;
   const auto query = [&](int qi) {
     return q + (qi / ranks) * q_row_stride + (qi % ranks) * q_stride;
   };
@@ -517,10 +518,11 @@ void attend_tile_avx512(const float* q, int64_t q_row_stride, int64_t q_stride, 
   voff.resize(CH);
   for (int64_t t0 = 0; t0 < ctx; t0 += CH) {
     const int n = int(std::min<int64_t>(CH, ctx - t0));
-    int u0 = 0;
-    for (; u0 + 8 <= n; u0 += 8) {
+    // eight keys a group; a last group past the pass's n keys repeats its last key (the extra
+    // scores land in the pass's 64 slots and are never read)
+    for (int u0 = 0; u0 < n; u0 += 8) {
       const float* k[8];
-      for (int u = 0; u < 8; ++u) k[u] = cache + offsets[t0 + u0 + u] + k_off;
+      for (int u = 0; u < 8; ++u) k[u] = cache + offsets[t0 + std::min(u0 + u, n - 1)] + k_off;
       int qi = 0;
       for (; qi + 2 <= nq; qi += 2) {
         const float* qs[2] = {query(qi), query(qi + 1)};
@@ -534,16 +536,6 @@ void attend_tile_avx512(const float* q, int64_t q_row_stride, int64_t q_stride, 
         __m256 d[1];
         dots8<1>(qs, k, hd, d);
         _mm256_storeu_ps(&sc[size_t(qi) * CH + u0], _mm256_mul_ps(d[0], sv));
-      }
-    }
-    for (; u0 < n; ++u0) {
-      const float* k = cache + offsets[t0 + u0] + k_off;
-      for (int qi = 0; qi < nq; ++qi) {
-        const float* qv = query(qi);
-        __m512 a = _mm512_setzero_ps();
-        for (int i = 0; i < hd; i += 16)
-          a = _mm512_fmadd_ps(_mm512_loadu_ps(qv + i), _mm512_loadu_ps(k + i), a);
-        sc[size_t(qi) * CH + u0] = _mm512_reduce_add_ps(a) * scale;
       }
     }
     // online softmax per query; a query's scores past its row's last key become 0, so the
