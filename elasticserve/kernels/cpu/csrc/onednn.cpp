@@ -4,9 +4,9 @@
 // of hundreds of rows is compute-bound instead, and there oneDNN's blocked GEMM wins by 4-5x on
 // an AMX CPU (the whole prefill: bench/bench_decode.py --kernels native,native-nodnn). Each band
 // is one `at::linear` on views of the same weight (output prefix: its first rows; input prefix:
-// its first columns), so the single copy of the weights stays as it is. bf16 weights take bf16 activations, as the torch path
-// does; they go to oneDNN only where the CPU computes bf16 natively (AVX512-BF16), else the
-// native kernels keep them.
+// its first columns), so the single copy of the weights stays as it is. bf16 weights take bf16
+// activations, as the torch path does; they go to oneDNN only where the CPU computes bf16
+// natively (AVX512-BF16), else the native kernels keep them.
 #include <ATen/ATen.h>
 
 #include <atomic>
