@@ -28,11 +28,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m"
 
 
-def default_cache_dir() -> Path:
-    """`$ELASTICSERVE_CACHE` if set, else the user cache dir (~/.cache/elasticserve)."""
-    return cache_root()
-
-
 def default_gguf() -> Path:
     """Locate the embedded default model's GGUF without importing its package."""
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
@@ -86,7 +81,7 @@ def _gguf_to_hf_dir(gguf: Path, cache_dir: str | os.PathLike[str] | None) -> Pat
     """Dequantize a GGUF with transformers once; cache the result as an HF safetensors dir."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / "models" / f"{gguf.stem}-{key[:12]}"
     if (target / "config.json").is_file():
         return target
