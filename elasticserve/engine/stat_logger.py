@@ -35,7 +35,8 @@ def startup_lines(engine: LLMEngine) -> list[str]:
         ops = "torch ops"
         if bundle.native is not None:
             quant = "AVX-512 VNNI" if bundle.native.vnni else "AVX2"
-            quant = f"AMX int8 at 6+ rows, {quant}" if bundle.native.amx_int8 else quant
+            if bundle.native.amx_int8:
+                quant = f"AMX int8 at {bundle.native.amx_int8_min_rows}+ rows, {quant}"
             dense = "AMX for bf16" if bundle.native.amx else "AVX2"
             ops = f"native kernels ({dense}; q8/q4: {quant})"
         path = f"CPU {capability} ({bf16}), {torch.get_num_threads()} threads, {ops}"

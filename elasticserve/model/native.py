@@ -47,7 +47,8 @@ class NativeDecoder:
         self.config = cfg
         self.vnni = bool(ext.vnni_supported())  # the q8/q4 linears run AVX-512 VNNI kernels
         self.amx = bool(ext.amx_supported())  # the bf16 linears run AMX tiles
-        self.amx_int8 = bool(ext.amx_int8_supported())  # q8/q4 steps of 6+ rows run int8 tiles
+        self.amx_int8 = bool(ext.amx_int8_supported())  # q8/q4 steps of several rows: int8 tiles
+        self.amx_int8_min_rows = int(ext.qamx_min_rows)
         self.model = model
         num_layers = cfg.num_layers
         bias_rows: dict[tuple[float, int], int] = {}

@@ -45,6 +45,7 @@ CASES = [  # (N, K, bands, flavour)
     (53, 1536, [[20, 53]], OUT),
     (40, 1536, [[3, 1536], [9, 768], [18, 64]], IN),
     (32, 576, [[4, 32], [17, 16]], OUT),  # the narrow band is one whole tile of weight rows
+    (64, 256, [[4, 64]], OUT),  # the fewest rows the tiles take; each block fetches the next
 ]
 
 

@@ -368,6 +368,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "AMX-BF16 present and granted (the bf16 linears use it)");
   mod.def("amx_int8_supported", &es::amx_int8_supported,
           "AMX-INT8 present and granted (the q8/q4 linears of several rows use it)");
+  mod.attr("qamx_min_rows") = es::QAMX_MIN_ROWS;  // steps of this many rows run the int8 tiles
   mod.def("use_amx", &es::use_amx, "allow the AMX kernels (tests); returns the old value",
           pybind11::arg("allow"));
   mod.def("avx512_attention_active", &es::avx512_attention_active,

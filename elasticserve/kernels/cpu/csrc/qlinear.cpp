@@ -26,12 +26,12 @@ inline void prefetch_row(const QMat& w, int64_t n, bool lo) {
   if (n >= w.rows) return;
   const int64_t line = 64;
   for (int64_t b = 0; b < w.ld; b += line) {
-    __builtin_prefetch(w.hi + n * w.ld + b);
-    if (lo) __builtin_prefetch(w.lo + n * w.ld + b);
+    prefetch_l1(w.hi + n * w.ld + b);
+    if (lo) prefetch_l1(w.lo + n * w.ld + b);
   }
   for (int64_t b = 0; b < w.groups * 4; b += line) {
-    __builtin_prefetch(reinterpret_cast<const char*>(w.scale + n * w.groups) + b);
-    __builtin_prefetch(reinterpret_cast<const char*>(w.minimum + n * w.groups) + b);
+    prefetch_l1(reinterpret_cast<const char*>(w.scale + n * w.groups) + b);
+    prefetch_l1(reinterpret_cast<const char*>(w.minimum + n * w.groups) + b);
   }
 }
 

@@ -63,7 +63,7 @@ bool vnni_supported();
 bool use_vnni(bool allow);
 
 // Steps of at least this many rows run the q8/q4 linears on AMX int8 tiles where present.
-constexpr int32_t QAMX_MIN_ROWS = 6;
+constexpr int32_t QAMX_MIN_ROWS = 4;
 
 // `qlinear` on AMX int8 tiles (callers check amx_int8_active() and the bands); `lo`: the rows
 // read both planes.
