@@ -82,7 +82,8 @@ def _prompts(bundle, n):
 
 def test_mixed_precision_batch_equals_each_request_alone(qbundle):
     """Same greedy tokens, logits within fp32 rounding: on CPUs with AMX int8 a run of several
-    rows of one precision (the extension's qamx_min_rows) sums its groups on tiles, fewer rows on VNNI, in another order."""
+    rows of one precision (the extension's qamx_min_rows) sums its groups on tiles, fewer rows
+    on VNNI, in another order."""
     prompts = _prompts(qbundle, len(MIXED))
     together = _run(qbundle, MIXED, prompts)
     for i, name in enumerate(MIXED):
