@@ -202,7 +202,8 @@ class Server:
 
     def describe(self) -> str:
         extra = f", {self.slots} slots" if self.kind == "llamaserver" else ""
-        extra += ", --no-repack" if self.kind == "llamaserver" and no_repack() else ""
+        llama = self.kind in ("llamacpp", "llamaserver")
+        extra += ", --no-repack" if llama and no_repack() else ""
         if self.kind == "elasticserve":
             extra += f", policy {self.policy}" + (
                 f", @{self.shape}" if self.policy == "fixed" else ""
@@ -226,8 +227,9 @@ def server_cmd(
             cmd += ["--slo-ttft-ms", f"{slo[0]:g}", "--slo-tpot-ms", f"{slo[1]:g}"]
         return cmd, env
     if s.kind == "llamacpp":
-        cmd = [str(venv_python("llamacpp")), "-m", "llama_cpp.server", *host]
-        cmd += ["--model", str(default_gguf()), "--model_alias", NAME]
+        cmd = [str(venv_python("llamacpp"))]
+        cmd += ["-c", NO_REPACK_SERVER] if no_repack() else ["-m", "llama_cpp.server"]
+        cmd += [*host, "--model", str(default_gguf()), "--model_alias", NAME]
         cmd += ["--n_threads", str(s.threads), "--n_ctx", "2048"]
         return [*cmd, "--interrupt_requests", "False"], env
     if s.kind == "llamaserver":
@@ -250,11 +252,28 @@ def server_cmd(
     raise ValueError(f"unknown peer {s.kind!r}")
 
 
+# llama-cpp-python's server with llama.cpp's weight repacking off (`use_extra_bufts`, what
+# llama-server's --no-repack sets; the server has no option for it)
+NO_REPACK_SERVER = """
+import runpy, sys
+import llama_cpp.llama_cpp as lib
+default_params = lib.llama_model_default_params
+def without_repack():
+    params = default_params()
+    params.use_extra_bufts = False
+    return params
+lib.llama_model_default_params = without_repack
+sys.argv[0] = "llama_cpp.server"
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
 def no_repack() -> bool:
     """llama.cpp 0c1e570's AMX matmul (its repacked Q4_1 weights) dies with SIGILL on a tile
     instruction run by a worker thread (seen on a Sapphire Rapids VM, the `tilezero` of
-    tinygemm_kernel_amx): on CPUs with AMX int8 llama-server runs without repacking, its
-    AVX-512 dot products (what it runs on every other x86 CPU for this file)."""
+    tinygemm_kernel_amx; llama-cpp-python's build of the same sources too): on CPUs with AMX
+    int8 both llama.cpp routes run without repacking, on its AVX-512 dot products (what it runs
+    on every other x86 CPU for this file)."""
     from elasticserve.model.device import cpu_flags
 
     return "amx_int8" in cpu_flags()
