@@ -690,12 +690,17 @@ def table(meta: dict[str, Any], rows: dict[str, dict[str, Any]], args: Any) -> s
     if llama:
         best = max(llama, key=lambda r: (r["capacity"]["capacity_rps"] or 0, r.get("tok_s_8", 0)))
         theirs = best["capacity"]["capacity_rps"]
-        ratio = f"{ours / theirs:.2f}x" if ours and theirs else "-"
-        lines += [
-            "",
-            f"llama.cpp's better route here: {best['server']} (capacity "
-            f"{_rate(theirs)} req/s); elasticserve's full shape ÷ it: {ratio}.",
-        ]
+        if theirs:
+            held = f"capacity {_rate(theirs)} req/s; elasticserve's full shape ÷ it: "
+            held += f"{ours / theirs:.2f}x" if ours else "-"
+        else:  # no rate held: the routes are ranked by their 8-stream rate
+            lowest = best["capacity"].get("lowest_failing_rps")
+            held = f"no rate held the SLO, down to {_rate(lowest)} req/s"
+            held += "; ranked by their 8-stream rate"
+        ours_8, theirs_8 = rows["elasticserve"].get("tok_s_8"), best.get("tok_s_8")
+        if ours_8 and theirs_8:
+            held += f"; 8 streams {_tok(theirs_8)} tok/s, ours ÷ it {ours_8 / theirs_8:.2f}x"
+        lines += ["", f"llama.cpp's better route here: {best['server']} ({held})."]
     return "\n".join(lines) + "\n"
 
 
