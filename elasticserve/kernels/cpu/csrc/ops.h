@@ -32,7 +32,8 @@ void attend_tile(const float* q, int64_t q_row_stride, int64_t q_stride, int row
                  float* out, int64_t out_row_stride, int64_t out_stride);
 
 // attend_tile's AVX-512 variant (hd a multiple of 16), which attend_tile runs where the CPU has
-// AVX-512 and use_avx512_attention allows it (tests compare both); returns the old permission.
+// AVX-512 and use_avx512_attention allows it (tests compare both; that toggle returns the old
+// permission).
 void attend_tile_avx512(const float* q, int64_t q_row_stride, int64_t q_stride, int rows,
                         int ranks, const float* cache, int64_t slot_stride, int64_t k_off,
                         int64_t v_off, const int32_t* blocks, int32_t bs, int64_t pos0, int hd,

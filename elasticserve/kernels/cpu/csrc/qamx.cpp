@@ -10,7 +10,6 @@
 // x rows past the bands and groups past a row's IN_PREFIX width are zero. Blocks of fewer than 16
 // weight rows run the VNNI (or AVX2) code.
 #include "qlinear.h"
-#include "simd.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -151,43 +150,6 @@ void unpack_codes(const QMat& w, int64_t n0, int64_t groups, uint8_t* codes, int
     }
 }
 
-// The cache lines of weight rows [n0, n0 + 16) that a block reads (`groups` groups of each row's
-// planes, its scales and minima), fetched one slice at a time while the block before computes:
-// the unpacking reads them all at once, and a DRAM stall there had been a fifth of the kernel.
-struct BlockPrefetch {
-  const char *hi = nullptr, *lo = nullptr, *scale = nullptr, *minimum = nullptr;
-  int64_t ld = 0, row_lines = 0, span_lines = 0, total = 0, per_group = 0;
-
-  BlockPrefetch(const QMat& w, int64_t n0, int64_t groups, bool lo_plane) {
-    if (n0 + TN > w.rows) return;
-    ld = w.ld;
-    hi = reinterpret_cast<const char*>(w.hi + n0 * w.ld);
-    if (lo_plane) lo = reinterpret_cast<const char*>(w.lo + n0 * w.ld);
-    scale = reinterpret_cast<const char*>(w.scale + n0 * w.groups);
-    minimum = reinterpret_cast<const char*>(w.minimum + n0 * w.groups);
-    row_lines = ((groups + 1) / 2 * QGROUP + 63) / 64;
-    span_lines = (TN * w.groups * int64_t(sizeof(float)) + 63) / 64;
-    total = TN * row_lines * (lo_plane ? 2 : 1) + 2 * span_lines;
-    per_group = (total + groups - 1) / groups;
-  }
-
-  const char* address(int64_t i) const {  // line i of the block, in the order above
-    const int64_t plane = TN * row_lines;
-    if (i < plane) return hi + i / row_lines * ld + i % row_lines * 64;
-    i -= plane;
-    if (lo != nullptr) {
-      if (i < plane) return lo + i / row_lines * ld + i % row_lines * 64;
-      i -= plane;
-    }
-    return i < span_lines ? scale + i * 64 : minimum + (i - span_lines) * 64;
-  }
-
-  void slice(int64_t g) const {  // the share of group g of the block's computation
-    const int64_t end = (g + 1) * per_group < total ? (g + 1) * per_group : total;
-    for (int64_t i = g * per_group; i < end; ++i) prefetch_l1(address(i));
-  }
-};
-
 // y rows [0, b.rows) x weight rows [b.n0, b.n0 + 16), x tile by x tile
 template <bool LO>
 void tile_block(const QMat& w, float* y, int64_t ldy, bool accumulate, const Block& b,
@@ -195,7 +157,9 @@ void tile_block(const QMat& w, float* y, int64_t ldy, bool accumulate, const Blo
   const int64_t ldc = (groups + 1) / 2 * 2 * QGROUP;
   uint8_t* codes = code_scratch(size_t(TN * ldc));
   unpack_codes<LO>(w, b.n0, groups, codes, ldc);
-  const BlockPrefetch next(w, b.n0 + TN, groups, LO);
+  // the next block's rows are fetched while this one computes, a share of them per group: the
+  // unpacking reads a block at once, and a DRAM stall there had been a fifth of the kernel
+  const int64_t rows_per_group = (TN + groups - 1) / groups;
   const __m512 step = _mm512_set1_ps(LO ? 1.0f / 16 : 1.0f);
   const __m512 half = _mm512_set1_ps(LO ? 0.5f : 0.0f);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -234,7 +198,8 @@ void tile_block(const QMat& w, float* y, int64_t ldy, bool accumulate, const Blo
     products(xt, 0);
     for (int64_t g = 0; g < groups; ++g) {
       if (g + 1 < groups) products(xt, g + 1);
-      if (t == 0) next.slice(g);
+      for (int64_t r = g * rows_per_group; t == 0 && r < (g + 1) * rows_per_group && r < TN; ++r)
+        prefetch_row(w, b.n0 + TN + r, LO);
       const uint32_t* at = xt + g * GROUP_WORDS;
       const int64_t set = g % 2;
       const __m512 dx = _mm512_loadu_ps(reinterpret_cast<const float*>(at + 2 * B_WORDS));

@@ -22,19 +22,6 @@ bool reads_lo(const QMat& w, bool q8) { return w.lo != nullptr && (q8 || w.q4_re
 // lines, too little for the hardware prefetchers to run far enough ahead of a DRAM stream.
 constexpr int64_t PREFETCH_ROWS = 16;
 
-inline void prefetch_row(const QMat& w, int64_t n, bool lo) {
-  if (n >= w.rows) return;
-  const int64_t line = 64;
-  for (int64_t b = 0; b < w.ld; b += line) {
-    prefetch_l1(w.hi + n * w.ld + b);
-    if (lo) prefetch_l1(w.lo + n * w.ld + b);
-  }
-  for (int64_t b = 0; b < w.groups * 4; b += line) {
-    prefetch_l1(reinterpret_cast<const char*>(w.scale + n * w.groups) + b);
-    prefetch_l1(reinterpret_cast<const char*>(w.minimum + n * w.groups) + b);
-  }
-}
-
 // The groups a row of band b reads: all of K (OUT_PREFIX) or its prefix (IN_PREFIX).
 int64_t band_groups(const QMat& w, const Band& band, Flavour flavour) {
   return flavour == Flavour::OUT_PREFIX ? w.groups : band.width / QGROUP;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "linear.h"
+#include "simd.h"
 
 namespace es {
 
@@ -34,6 +35,21 @@ struct QMat {
   int64_t rows = 0, cols = 0, groups = 0, ld = 0;
   bool q4_reads_lo = false;  // a q4 row reads this weight at q8 (a re-quantized weight)
 };
+
+// Fetches weight row n (its code planes, both where `lo`, and its scales and minima) into L1;
+// rows past the weight are skipped.
+inline void prefetch_row(const QMat& w, int64_t n, bool lo) {
+  if (n >= w.rows) return;
+  const int64_t line = 64;
+  for (int64_t b = 0; b < w.ld; b += line) {
+    prefetch_l1(w.hi + n * w.ld + b);
+    if (lo) prefetch_l1(w.lo + n * w.ld + b);
+  }
+  for (int64_t b = 0; b < w.groups * 4; b += line) {
+    prefetch_l1(reinterpret_cast<const char*>(w.scale + n * w.groups) + b);
+    prefetch_l1(reinterpret_cast<const char*>(w.minimum + n * w.groups) + b);
+  }
+}
 
 // x rows as int8 per group: q and its residual r [rows, ldq], d (the step of XRES q + r) and s
 // (the group's float sum) [rows, ldg] (ldg a multiple of 8, zero-padded)

@@ -13,7 +13,7 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Fetches the cache line of p into L1. An asm statement, not __builtin_prefetch: GCC 12 at -O2
+// Fetches the cache line of p into L1. An asm statement, not __builtin_prefetch: GCC 12 at -O1
 // and above deletes loops whose only work is __builtin_prefetch calls (their dead-code pass
 // counts the builtin as free of side effects), which had silently removed every software
 // prefetch of the quantized kernels.
